@@ -1,0 +1,342 @@
+"""Self-Attention Generative Adversarial Networks: the model, in one file.
+
+Zhang, Goodfellow, Metaxas, Odena, "Self-Attention Generative Adversarial Networks",
+ICML 2019 (arXiv 1805.08318). The layout follows the released code that produced the paper's
+numbers (brain-research/self-attention-gan) as re-implemented by BigGAN-PyTorch's SA-GAN
+script: ResNet generator and discriminator, both spectrally normalised, conditional batch norm in
+G, a projection discriminator, and hinge losses. The file reads top to bottom: attention,
+spectral norm, blocks, generator, discriminator, losses.
+
+Paper-to-code map
+    Sec. 3, f(x) = W_f x, g(x) = W_g x       SelfAttention.f, SelfAttention.g (1x1 convs, C/8)
+    Sec. 3, h(x) = W_h x, v(x) = W_v x       SelfAttention.h, SelfAttention.v
+    Eq. (1): beta_{j,i} = softmax_i(s_ij)    SelfAttention._explicit (beta), ._fused (SDPA)
+    Eq. (2): o_j = v(sum_i beta_{j,i} h(x_i))
+    Eq. (3): y_i = gamma * o_i + x_i         SelfAttention.forward, gamma initialised to 0
+    Sec. 4, spectral norm in G and D         sn(); ModelConfig.g_sn=False is the "SN on D" baseline
+    Sec. 4, two-timescale update rule        train.py (lr 1e-4 for G, 4e-4 for D)
+    Sec. 5, hinge loss, Eq. (4)              d_hinge_loss, g_hinge_loss
+    Sec. 5, conditional BN / projection D    ConditionalBatchNorm, Discriminator.embed
+    Sec. 5.1, Table 1, attention at featK    ModelConfig.attn (feature-map resolutions; () = none)
+
+Differences from the paper's equations (all follow the released code, which produced the numbers)
+    1. The value h has C/2 channels, not C/8, and an output 1x1 conv v maps it back to C channels.
+    2. Keys f(x) and values h(x) are max-pooled 2x2 (2 in every spatial dimension) before attention,
+       so each query attends to N/4 positions in 2-D. `pooled=False` gives the paper's form.
+    3. The attention convs have no bias; all four are spectrally normalised.
+    4. Spatial dimensions are free: SelfAttention runs on (B, C, *spatial) maps in 1-D, 2-D or 3-D.
+    5. Conditional BN uses per-class gain and bias tables (gain 1, bias 0 at init), not spectrally
+       normalised; the paper only says "conditional batch normalization".
+All other choices (widths, blocks, xavier init, sum pooling in D) are the reference implementations';
+SAGAN_NOTES section 3 lists them and test_sagan.py checks the parameter counts against theirs.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+# Channel multipliers of ch per image size. G: width of the 4x4 input, then the output width of
+# each up-block (one block per doubling). D: output width of each block and whether it halves
+# the resolution; the first D block is the "optimized" one that reads the RGB image.
+G_WIDTHS = {
+    32: [4, 4, 4, 4],  # the CIFAR-sized layout of StudioGAN (256 channels at ch=64)
+    64: [16, 16, 8, 4, 2],
+    128: [16, 16, 8, 4, 2, 1],  # BigGAN-PyTorch's SA-GAN at ImageNet 128
+    256: [16, 16, 8, 8, 4, 2, 1],
+}
+D_WIDTHS = {
+    32: ([2, 2, 2, 2], [True, True, False, False]),
+    64: ([1, 2, 4, 8, 16], [True, True, True, True, False]),
+    128: ([1, 2, 4, 8, 16, 16], [True, True, True, True, True, False]),
+    256: ([1, 2, 4, 8, 8, 16, 16], [True, True, True, True, True, True, False]),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild G and D; checkpoints store it as a dict."""
+
+    size: int = 128  # image side; one of G_WIDTHS
+    ch: int = 64  # width multiplier (BigGAN-PyTorch's G_ch = D_ch = 64 at ImageNet 128)
+    z_dim: int = 128
+    n_classes: int = 1000  # 0 = unconditional: plain BN in G, no projection in D
+    attn: tuple = (64,)  # feature resolutions with attention in G and D (Table 1 "feat64")
+    pooled: bool = True  # keys/values max-pooled 2x2, as in the released code
+    g_sn: bool = True  # spectral norm in G too (Sec. 4); False = the "SN on D only" baseline
+
+    def __post_init__(self):
+        self.attn = tuple(int(r) for r in self.attn)
+        if self.size not in G_WIDTHS:
+            raise ValueError(f"size must be one of {sorted(G_WIDTHS)}, got {self.size}")
+        g_res = [4 * 2 ** (i + 1) for i in range(len(G_WIDTHS[self.size]) - 1)]
+        d_res = _d_resolutions(self.size)
+        for r in self.attn:
+            if r not in g_res or r not in d_res:
+                allowed = sorted(set(g_res) & set(d_res))
+                raise ValueError(f"attention resolution {r} is not a feature-map size of both "
+                                 f"G and D at size {self.size}; choose from {allowed}")
+        if self.ch < 8 or self.z_dim < 1 or self.n_classes < 0:
+            raise ValueError("need ch >= 8, z_dim >= 1 and n_classes >= 0")
+
+
+def _d_resolutions(size):
+    """Resolution after each D block."""
+    out, res = [], size
+    for down in D_WIDTHS[size][1]:
+        res = res // 2 if down else res
+        out.append(res)
+    return out
+
+
+def sn(module, enabled=True):
+    """Spectral normalisation (Miyato et al. 2018) through torch's parametrization.
+
+    W is divided by its largest singular value, estimated with one power iteration per training
+    forward; the vectors u, v live in the module's buffers and travel with the state dict. In eval
+    mode the last estimate is used unchanged. Weights are initialised xavier-uniform and biases
+    zero first, as in the authors' code.
+    """
+    nn.init.xavier_uniform_(module.weight)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+    return spectral_norm(module) if enabled else module
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-attention (Sec. 3)
+# ---------------------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    """The SAGAN self-attention block on a (B, C, *spatial) feature map.
+
+    In the query/key/value language: the query is g(x), the key is f(x) and the value is h(x);
+    v is the output projection. (The released code calls them theta, phi, g and o.)
+    """
+
+    def __init__(self, channels, dims=2, pooled=True, use_sn=True):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims] if pooled else None
+        c8, c2 = channels // 8, channels // 2
+        self.f = sn(conv(channels, c8, 1, bias=False), use_sn)  # key
+        self.g = sn(conv(channels, c8, 1, bias=False), use_sn)  # query
+        self.h = sn(conv(channels, c2, 1, bias=False), use_sn)  # value (C/2: difference 1)
+        self.v = sn(conv(c2, channels, 1, bias=False), use_sn)  # output projection
+        # Eq. (3): gamma starts at 0, so the block is the identity at init and G first relies on
+        # local (convolutional) cues, learning to use non-local evidence gradually.
+        self.gamma = nn.Parameter(torch.zeros(()))
+        self.fused = True  # use scaled_dot_product_attention when beta is not requested
+
+    def _keys_values(self, x):
+        fx, hx = self.f(x), self.h(x)  # (B, C/8, *spatial), (B, C/2, *spatial)
+        if self.pool is not None:  # difference 2: N -> M = N / 2^dims key positions
+            fx, hx = self.pool(fx, 2), self.pool(hx, 2)
+        return fx.flatten(2), hx.flatten(2)  # (B, C/8, M), (B, C/2, M)
+
+    def _explicit(self, x):
+        """Forms the attention map beta; O(N * M) memory. Returns o (B, C/2, N) and beta."""
+        gx = self.g(x).flatten(2)  # (B, C/8, N) queries
+        fx, hx = self._keys_values(x)  # (B, C/8, M), (B, C/2, M)
+        s = gx.transpose(1, 2) @ fx  # (B, N, M): s[j, i] = f(x_i)^T g(x_j)
+        beta = s.softmax(dim=-1)  # Eq. (1): softmax over keys i, each row sums to 1
+        o = hx @ beta.transpose(1, 2)  # (B, C/2, N): Eq. (2) before v
+        return o, beta
+
+    def _fused(self, x):
+        """The same o through torch's fused scaled_dot_product_attention, beta never stored.
+
+        SAGAN does not scale its scores, hence scale=1.0. The fused CPU and GPU kernels want
+        query, key and value of one width, but the value is 4x wider than query and key. So the
+        value is split into 4 heads of C/8 channels that all share the one query and key
+        (expanded across heads, not copied): the softmax weights are the same in every head, so
+        the result equals the single-head product. (On CPU, without the split, torch falls back
+        to its unfused math path, which stores the whole score matrix.)
+        """
+        B = x.shape[0]
+        gx = self.g(x).flatten(2)  # (B, C/8, N)
+        fx, hx = self._keys_values(x)  # (B, C/8, M), (B, C/2, M)
+        c8, m = fx.shape[1], fx.shape[2]
+        heads = hx.shape[1] // c8  # 4
+        # The kernels also want the channel dimension last and contiguous (small copies).
+        q = gx.transpose(1, 2).contiguous().unsqueeze(1).expand(B, heads, -1, c8)  # (B, 4, N, C/8)
+        k = fx.transpose(1, 2).contiguous().unsqueeze(1).expand(B, heads, m, c8)  # (B, 4, M, C/8)
+        val = hx.view(B, heads, c8, m).transpose(2, 3).contiguous()  # (B, 4, M, C/8)
+        o = F.scaled_dot_product_attention(q, k, val, scale=1.0)  # (B, 4, N, C/8)
+        return o.transpose(2, 3).reshape(B, heads * c8, -1)  # (B, C/2, N)
+
+    def forward(self, x, return_beta=False):
+        B, C, *spatial = x.shape
+        if return_beta or not self.fused:
+            o, beta = self._explicit(x)
+        else:
+            o, beta = self._fused(x), None
+        o = self.v(o.view(B, C // 2, *spatial))  # (B, C, *spatial): Eq. (2), output conv v
+        y = self.gamma * o + x  # Eq. (3)
+        return (y, beta) if return_beta else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Generator (Sec. 5: ResNet blocks, conditional BN, spectral norm)
+# ---------------------------------------------------------------------------------------------
+
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm without its own affine, then a per-class gain and bias (difference 5).
+
+    With n_classes = 0 it is plain BatchNorm with a learned affine (the unconditional model).
+    """
+
+    def __init__(self, channels, n_classes):
+        super().__init__()
+        self.n_classes = n_classes
+        self.bn = nn.BatchNorm2d(channels, affine=n_classes == 0)
+        if n_classes:
+            self.gain = nn.Embedding(n_classes, channels)
+            self.bias = nn.Embedding(n_classes, channels)
+            nn.init.ones_(self.gain.weight)
+            nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x, y):
+        x = self.bn(x)
+        if not self.n_classes:
+            return x
+        return x * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+class GBlock(nn.Module):
+    """CBN -> ReLU -> 2x nearest upsample -> conv3x3 -> CBN -> ReLU -> conv3x3, plus a
+    shortcut upsample -> conv1x1."""
+
+    def __init__(self, c_in, c_out, n_classes, use_sn):
+        super().__init__()
+        self.bn1 = ConditionalBatchNorm(c_in, n_classes)
+        self.conv1 = sn(nn.Conv2d(c_in, c_out, 3, padding=1), use_sn)
+        self.bn2 = ConditionalBatchNorm(c_out, n_classes)
+        self.conv2 = sn(nn.Conv2d(c_out, c_out, 3, padding=1), use_sn)
+        self.conv_sc = sn(nn.Conv2d(c_in, c_out, 1), use_sn)
+
+    def forward(self, x, y):
+        h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2.0)  # (B, c_in, 2H, 2W)
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), y)))  # (B, c_out, 2H, 2W)
+        return h + self.conv_sc(F.interpolate(x, scale_factor=2.0))
+
+
+class Generator(nn.Module):
+    """z (B, z_dim), y (B,) -> images (B, 3, size, size) in [-1, 1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        widths = [w * cfg.ch for w in G_WIDTHS[cfg.size]]
+        self.linear = sn(nn.Linear(cfg.z_dim, 4 * 4 * widths[0]), cfg.g_sn)
+        self.blocks = nn.ModuleList()
+        res = 4
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            res *= 2
+            self.blocks.append(GBlock(c_in, c_out, cfg.n_classes, cfg.g_sn))
+            if res in cfg.attn:  # Table 1: attention after the block that outputs res x res
+                self.blocks.append(SelfAttention(c_out, pooled=cfg.pooled, use_sn=cfg.g_sn))
+        self.bn = nn.BatchNorm2d(widths[-1])
+        self.conv_out = sn(nn.Conv2d(widths[-1], 3, 3, padding=1), cfg.g_sn)
+
+    @property
+    def attention_layers(self):
+        return [b for b in self.blocks if isinstance(b, SelfAttention)]
+
+    def forward(self, z, y=None, return_attention=False):
+        h = self.linear(z).view(z.shape[0], -1, 4, 4)  # (B, 16ch, 4, 4) at size 128
+        betas = []
+        for block in self.blocks:  # each GBlock doubles the resolution
+            if isinstance(block, SelfAttention) and return_attention:
+                h, beta = block(h, return_beta=True)  # beta (B, N, M)
+                betas.append(beta)
+            elif isinstance(block, SelfAttention):
+                h = block(h)
+            else:
+                h = block(h, y)
+        x = torch.tanh(self.conv_out(F.relu(self.bn(h))))  # (B, 3, size, size)
+        return (x, betas) if return_attention else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Discriminator (projection discriminator, Miyato & Koyama 2018)
+# ---------------------------------------------------------------------------------------------
+
+class DBlock(nn.Module):
+    """Pre-activation ReLU -> conv3x3 -> ReLU -> conv3x3 -> 2x2 avg-pool, plus a shortcut
+    conv1x1 -> avg-pool. The first ("optimized") block reads RGB, so it has no input ReLU and
+    pools before its shortcut conv."""
+
+    def __init__(self, c_in, c_out, down, first=False):
+        super().__init__()
+        self.down, self.first = down, first
+        self.conv1 = sn(nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.conv2 = sn(nn.Conv2d(c_out, c_out, 3, padding=1))
+        learnable_sc = c_in != c_out or down
+        self.conv_sc = sn(nn.Conv2d(c_in, c_out, 1)) if learnable_sc else None
+
+    def shortcut(self, x):
+        if self.first:
+            return self.conv_sc(F.avg_pool2d(x, 2))
+        if self.conv_sc is not None:
+            x = self.conv_sc(x)
+        return F.avg_pool2d(x, 2) if self.down else x
+
+    def forward(self, x):
+        # Out of place: an in-place ReLU here would also change x, which the shortcut reads.
+        h = x if self.first else F.relu(x)
+        h = self.conv2(F.relu(self.conv1(h)))
+        if self.down:
+            h = F.avg_pool2d(h, 2)  # (B, c_out, H/2, W/2)
+        return h + self.shortcut(x)
+
+
+class Discriminator(nn.Module):
+    """x (B, 3, size, size), y (B,) -> logits (B,)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        widths, downs = D_WIDTHS[cfg.size]
+        widths = [3] + [w * cfg.ch for w in widths]
+        self.blocks = nn.ModuleList()
+        res, placed = cfg.size, set()
+        for i, (c_in, c_out, down) in enumerate(zip(widths[:-1], widths[1:], downs)):
+            res = res // 2 if down else res
+            self.blocks.append(DBlock(c_in, c_out, down, first=i == 0))
+            if res in cfg.attn and res not in placed:  # after the first block that outputs res
+                self.blocks.append(SelfAttention(c_out, pooled=cfg.pooled))
+                placed.add(res)
+        self.linear = sn(nn.Linear(widths[-1], 1))
+        # Projection (Miyato & Koyama 2018): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
+        self.embed = sn(nn.Embedding(cfg.n_classes, widths[-1])) if cfg.n_classes else None
+
+    @property
+    def attention_layers(self):
+        return [b for b in self.blocks if isinstance(b, SelfAttention)]
+
+    def forward(self, x, y=None):
+        h = x
+        for block in self.blocks:
+            h = block(h)
+        h = F.relu(h).sum(dim=(2, 3))  # (B, 16ch): global sum pooling
+        out = self.linear(h).squeeze(1)  # (B,)
+        if self.embed is not None:
+            out = out + (self.embed(y) * h).sum(dim=1)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hinge losses (Sec. 5, Eq. (4))
+# ---------------------------------------------------------------------------------------------
+
+def d_hinge_loss(real_logits, fake_logits):
+    """L_D = E[max(0, 1 - D(x, y))] + E[max(0, 1 + D(G(z), y))], returned as its two parts."""
+    return F.relu(1.0 - real_logits).mean(), F.relu(1.0 + fake_logits).mean()
+
+
+def g_hinge_loss(fake_logits):
+    """L_G = -E[D(G(z), y)]."""
+    return -fake_logits.mean()
