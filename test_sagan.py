@@ -191,3 +191,113 @@ def test_gamma_gets_a_gradient_at_zero():
     x = torch.randn(2, 16, 8, 8)
     attn(x).pow(2).sum().backward()
     assert attn.gamma.grad.abs() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+# ---------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--size", "32", "--ch", "8", "--batch-size", "8", "--log-every", "5", "--sample-every", "5",
+        "--ckpt-every", "100"]
+
+
+def run_cli(script, *args, timeout=120):
+    """Run one of the project's scripts as a user would; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_same_state(a, b, path="ckpt"):
+    """Recursively: tensors bit-identical, everything else equal."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
+    """5 steps, resume, 5 more == 10 straight: G, D, EMA, optimizers, SN vectors and all RNGs,
+    with flips on (their randomness must resume too) and the EMA switching on mid-run."""
+    common = TINY + ["--ema", "--ema-start", "3", "--flip"]
+    assert train.main(common + ["--steps", "10", "--out", tmp_path / "straight"]) == 0
+    assert train.main(common + ["--steps", "5", "--out", tmp_path / "split"]) == 0
+    assert train.main(["--resume", "--out", tmp_path / "split", "--steps", "10"]) == 0
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 10
+    for key in ("G", "D", "G_ema", "opt_G", "opt_D", "rng", "model"):
+        assert_same_state(a[key], b[key], key)
+    # The log of the resumed run continues the first one: steps 5 and 10, one line each.
+    log = [json.loads(l) for l in open(tmp_path / "split" / "log.jsonl")]
+    assert [r["step"] for r in log] == [5, 10]
+    assert log[1]["loss_d_real"] == [json.loads(l) for l in open(tmp_path / "straight" / "log.jsonl")][1]["loss_d_real"]
+
+
+def test_run_folder_contents(tmp_path):
+    assert train.main(TINY + ["--steps", "5", "--out", tmp_path]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "config.json", "log.jsonl", "samples"]
+    assert os.listdir(tmp_path / "samples") == ["step_0000005.png"]
+    record = json.loads(open(tmp_path / "log.jsonl").readline())
+    for key in ("step", "loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "gamma_g", "gamma_d", "images_per_s"):
+        assert key in record, key
+    assert len(record["gamma_g"]) == len(record["gamma_d"]) == 1
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["train"]["lr_g"] == 1e-4 and config["train"]["lr_d"] == 4e-4  # TTUR
+    assert config["train"]["beta1"] == 0.0 and config["train"]["beta2"] == 0.9
+
+
+def test_imagenet_preset_is_the_papers():
+    cfg, _ = train.parse_config(["--data", "imagenet", "--data-root", "/x"])
+    train.check_config(cfg)
+    assert (cfg.size, cfg.ch, cfg.batch_size, cfg.steps, cfg.attn) == (128, 64, 256, 1_000_000, "64")
+    assert (cfg.lr_g, cfg.lr_d, cfg.beta1, cfg.beta2, cfg.d_steps) == (1e-4, 4e-4, 0.0, 0.9, 1)
+    cfg, _ = train.parse_config(["--data", "imagenet", "--batch-size", "128", "--attn", "none"])
+    assert cfg.batch_size == 128 and cfg.attn == "none"  # flags win over the preset
+
+
+def test_ddp_with_two_gloo_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(HERE, "train.py"), *TINY, "--steps", "3", "--device", "cpu", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("step 3/3") == 1  # only rank 0 logs
+    ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 3
+    from sagan import Generator, ModelConfig
+    G = Generator(ModelConfig(**ckpt["model"]))
+    G.load_state_dict(ckpt["G"])
+
+
+def test_missing_imagenet_root_is_one_clear_line():
+    code, out, err = run_cli("train.py", "--data", "imagenet", "--data-root", "/nonexistent")
+    assert code != 0
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert err.startswith("error:") and "/nonexistent" in err
+
+
+def test_benchmark_smoke_prints_the_table():
+    code, out, err = run_cli("train.py", "--benchmark", "--size", "32", "--ch", "8", "--batch-size", "4",
+                             "--bench-iters", "1", "--bench-variants", "fp32,explicit_attn,channels_last")
+    assert code == 0, err
+    for word in ("ms/iter", "images/s", "peak MB", "fp32", "explicit_attn", "channels_last"):
+        assert word in out, word
+    rows = [l.split() for l in out.splitlines() if l.split() and l.split()[0] in train.VARIANTS]
+    assert len(rows) == 3 and all(float(r[2]) > 0 for r in rows)
