@@ -21,8 +21,8 @@ A run folder holds config.json, log.jsonl (one line per --log-every steps), samp
 import argparse
 import copy
 import dataclasses
+import glob
 import json
-import math
 import os
 import random
 import resource
@@ -51,52 +51,57 @@ class UserError(Exception):
 # Configuration: one dataclass; its fields are the command-line flags
 # ---------------------------------------------------------------------------------------------
 
+def opt(default, help):
+    """A config field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # data
-    data: str = field(default="synthetic", metadata={"help": "synthetic | cifar10 | imagenet | folder | prepared"})
-    data_root: str = field(default="", metadata={"help": "dataset directory (not for synthetic)"})
-    size: int = field(default=32, metadata={"help": "image side: 32, 64, 128 or 256"})
-    flip: bool = field(default=False, metadata={"help": "random horizontal flips (the reference runs: none)"})
-    workers: int = field(default=0, metadata={"help": "data-loading processes"})
+    data: str = opt("synthetic", "synthetic | cifar10 | imagenet | folder | prepared")
+    data_root: str = opt("", "dataset directory (not for synthetic)")
+    size: int = opt(32, "image side: 32, 64, 128 or 256")
+    flip: bool = opt(False, "random horizontal flips (the reference runs: none)")
+    workers: int = opt(0, "data-loading processes")
     # model (sagan.ModelConfig)
-    ch: int = field(default=64, metadata={"help": "width multiplier (64 in the paper)"})
+    ch: int = opt(64, "width multiplier (64 in the paper)")
     z_dim: int = 128
-    attn: str = field(default="auto", metadata={"help": "attention resolutions, e.g. 64 or 32,64 or none; auto: 64 at 128 px (Table 1)"})
-    pooled: bool = field(default=True, metadata={"help": "max-pool keys and values 2x2 (released code)"})
-    g_sn: bool = field(default=True, metadata={"help": "spectral norm in G too (Sec. 4); --no-g-sn: SN on D only"})
+    attn: str = opt("auto", "attention resolutions, e.g. 64 or 32,64 or none; auto: 64 at 128 px (Table 1)")
+    pooled: bool = opt(True, "max-pool keys and values 2x2 (released code)")
+    g_sn: bool = opt(True, "spectral norm in G too (Sec. 4); --no-g-sn: SN on D only")
     # optimisation (Sec. 4: TTUR)
-    batch_size: int = field(default=64, metadata={"help": "global batch: per-process batch x processes x --accum"})
-    steps: int = field(default=1000, metadata={"help": "training iterations (one G step each)"})
+    batch_size: int = opt(64, "global batch: per-process batch x processes x --accum")
+    steps: int = opt(1000, "training iterations (one G step each)")
     lr_g: float = 1e-4
     lr_d: float = 4e-4
-    equal_lr: bool = field(default=False, metadata={"help": "ablation: D uses lr_g too (no TTUR)"})
+    equal_lr: bool = opt(False, "ablation: D uses lr_g too (no TTUR)")
     beta1: float = 0.0
-    beta2: float = field(default=0.9, metadata={"help": "0.9 in the paper; the public ImageNet runs used 0.999"})
-    d_steps: int = field(default=1, metadata={"help": "D steps per G step (1:1 in the paper)"})
-    accum: int = field(default=1, metadata={"help": "gradient accumulation steps (same global batch, less memory)"})
-    ema: bool = field(default=False, metadata={"help": "keep an EMA of G's weights (BigGAN-PyTorch; not in the paper)"})
+    beta2: float = opt(0.9, "0.9 in the paper; the public ImageNet runs used 0.999")
+    d_steps: int = opt(1, "D steps per G step (1:1 in the paper)")
+    accum: int = opt(1, "gradient accumulation steps (same global batch, less memory)")
+    ema: bool = opt(False, "keep an EMA of G's weights (BigGAN-PyTorch; not in the paper)")
     ema_decay: float = 0.9999
-    ema_start: int = field(default=2000, metadata={"help": "copy G into the EMA until this step"})
+    ema_start: int = opt(2000, "copy G into the EMA until this step")
     # runtime
-    out: str = field(default="runs/sagan", metadata={"help": "run folder"})
+    out: str = opt("runs/sagan", "run folder")
     seed: int = 0
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
-    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on CUDA"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile G and D"})
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = opt(True, "channels_last memory format on CUDA")
+    compile: bool = opt(False, "torch.compile G and D")
     log_every: int = 50
     sample_every: int = 500
     ckpt_every: int = 1000
-    eval_every: int = field(default=0, metadata={"help": "IS/FID every N steps (0: never); needs --ref-stats"})
+    eval_every: int = opt(0, "IS/FID every N steps (0: never); needs --ref-stats")
     eval_n: int = 10000
     ref_stats: str = ""
     inception_weights: str = ""
-    resume: str = field(default="", metadata={"help": "checkpoint to continue from; bare --resume: OUT/ckpt.pt"})
-    benchmark: bool = field(default=False, metadata={"help": "time training iterations on random data, then exit"})
+    resume: str = opt("", "checkpoint to continue from; bare --resume: OUT/ckpt.pt")
+    benchmark: bool = opt(False, "time training iterations on random data, then exit")
     bench_iters: int = 10
-    bench_rounds: int = field(default=1, metadata={"help": "repeat the variants, interleaved; the median is reported"})
-    bench_variants: str = field(default="", metadata={"help": "comma list of fp32,channels_last,bf16,compile,explicit_attn for a side-by-side table"})
+    bench_rounds: int = opt(1, "repeat the variants, interleaved; the median is reported")
+    bench_variants: str = opt("", "comma list of fp32,channels_last,bf16,compile,explicit_attn for a side-by-side table")
 
 
 # Presets by data source; every flag given on the command line wins over them.
@@ -110,8 +115,6 @@ PRESETS = {
     "prepared": dict(size=128, ch=64, batch_size=256, steps=1_000_000, workers=2, ckpt_every=2000),
 }
 ATTN_BY_SIZE = {32: "16", 64: "32", 128: "64", 256: "64"}
-# Fields that must agree between a checkpoint and the run that resumes it.
-MODEL_FIELDS = ("data", "size", "ch", "z_dim", "attn", "pooled", "g_sn", "ema")
 
 
 def build_parser():
@@ -453,12 +456,13 @@ def train(cfg, given=frozenset()):
         cfg.resume = path
     check_config(cfg, world)
     main_process = rank == 0
-    if main_process:
-        check_writable(cfg.out)
-
     from data import make_dataset
     dataset = make_dataset(cfg.data, cfg.data_root or None, cfg.size)
     mcfg = model_config(cfg, dataset.n_classes)
+    if main_process:  # fail before training, not at the first checkpoint
+        check_writable(cfg.out)
+        for stale in glob.glob(os.path.join(cfg.out, "ckpt.pt.tmp*")):  # left by a killed save
+            os.remove(stale)
     if ckpt is not None:
         conflicts = [f"{k} (checkpoint: {v}, now: {getattr(mcfg, k)})" for k, v in ckpt["model"].items()
                      if (tuple(v) if isinstance(v, list) else v) != getattr(mcfg, k)]
@@ -557,6 +561,8 @@ def train(cfg, given=frozenset()):
                     print(f"stopped by signal {stop[0]} at step {done}; checkpoint saved to {ckpt_path}; "
                           f"continue with: python train.py --resume --out {cfg.out}", flush=True)
                 return done
+        if main_process and getattr(dataset, "summary", ""):
+            print(dataset.summary)
         return cfg.steps
     finally:
         for s, h in handlers.items():

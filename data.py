@@ -1,0 +1,466 @@
+"""Training data for SAGAN: a built-in synthetic set, CIFAR-10, ImageNet, any image folder, and a
+prepared memory-mapped copy of any of them.
+
+Every dataset yields (image, label): image a float32 tensor (3, size, size) in [-1, 1], label an
+int (0 when unconditional); `dataset.n_classes` is 0 for unconditional data. Build one with
+`make_dataset(source, root, size)`.
+
+Preprocessing follows the reference runs (BigGAN-PyTorch's ImageNet loader, used by its SA-GAN
+script): centre crop to a square on the short side, antialiased bilinear resize to `size`, scale to
+[-1, 1]; optional random horizontal flips (the reference runs used no augmentation: off by
+default). Differences, all for robustness: grayscale, palette, CMYK and 16-bit images are converted
+to 8-bit RGB explicitly (Pillow's own conversion saturates 16-bit images to white); transparent
+images are composited on white; non-image files are skipped when the folder is scanned and
+unreadable images when they are loaded (with a warning; the next readable image stands in), never
+a crash mid-epoch. `dataset.skipped` lists them as (path, reason) and `dataset.summary` says it in
+one line, counting skips made inside DataLoader workers too.
+
+Reading JPEGs bounds a GPU run, so `python data.py prepare ...` decodes and resizes a source once
+into a uint8 array that training reads through a memory map:
+    DIR/images.npy  (N, size, size, 3) uint8     DIR/labels.npy  (N,) int64
+    DIR/meta.json   {"format": "sagan-prepared", "version": 1, "source", "size", "n_classes",
+                     "count", "skipped": the summary line}
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+SOURCES = ("synthetic", "cifar10", "imagenet", "folder", "prepared")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif",
+                    ".tiff", ".webp")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+class DataError(Exception):
+    """A problem with the user's data or arguments; the message is one line for the terminal."""
+
+
+class ImageSet(Dataset):
+    """Base class: a subclass implements `pixels(index) -> ((S, S, 3) uint8 array, label)`; this
+    turns them into tensors and flips. `prepare` reads `pixels` directly, so a prepared copy holds
+    exactly the bytes the direct dataset would have produced."""
+
+    n_classes = 0
+
+    def __init__(self, size, flip=False):
+        self.size, self.flip = size, flip
+
+    def pixels(self, index):
+        raise NotImplementedError
+
+    def __getitem__(self, index):
+        pixels, label = self.pixels(int(index))
+        x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float()  # (3, S, S) in [0, 255]
+        x = x.div_(127.5).sub_(1.0)
+        # Global torch RNG: each DataLoader worker gets its own seed from the loader.
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(2)
+        return x, label
+
+    @property
+    def skipped(self):
+        """Files left out so far, as (path, reason) pairs; unreadable files are found on loading."""
+        return []
+
+    @property
+    def summary(self):
+        """One line, e.g. 'skipped 1 non-image file (a.txt), 1 unreadable image (b.png)', or ''."""
+        by_reason = {}
+        for path, reason in self.skipped:
+            by_reason.setdefault(reason, []).append(os.path.basename(path))
+        parts = []
+        for reason, names in by_reason.items():
+            more = ", ..." if len(names) > 3 else ""
+            plural = "s" if len(names) > 1 else ""
+            parts.append(f"{len(names)} {reason}{plural} ({', '.join(names[:3])}{more})")
+        return "skipped " + ", ".join(parts) if parts else ""
+
+
+# --- synthetic ----------------------------------------------------------------------------------
+
+# Ten classes, each a distinct colour and a distinct shape. A shape is a level function of the
+# offset (dx, dy) from its centre in units of its radius: < 1 inside, growing about one unit per
+# radius outside, so (1 - level) * radius is roughly the signed distance to the edge.
+COLOURS = np.array([
+    (0.90, 0.10, 0.10),  # red
+    (1.00, 0.55, 0.00),  # orange
+    (0.95, 0.90, 0.10),  # yellow
+    (0.15, 0.75, 0.15),  # green
+    (0.00, 0.85, 0.90),  # cyan
+    (0.15, 0.30, 1.00),  # blue
+    (0.60, 0.20, 0.90),  # purple
+    (1.00, 0.45, 0.75),  # pink
+    (0.95, 0.95, 0.95),  # white
+    (0.60, 0.35, 0.10),  # brown
+], dtype=np.float32)
+
+
+def _plus(ax, ay):
+    # Union of a horizontal and a vertical arm, each 0.6 radii thick.
+    return np.minimum(np.maximum(ax, ay / 0.3), np.maximum(ax / 0.3, ay))
+
+
+SHAPES = (  # each takes |dx|, |dy|, dy (image rows grow downwards)
+    lambda ax, ay, dy: np.sqrt(ax * ax + ay * ay),  # disc
+    lambda ax, ay, dy: np.maximum(ax, ay),  # square
+    lambda ax, ay, dy: ax + ay,  # diamond
+    lambda ax, ay, dy: np.abs(np.sqrt(ax * ax + ay * ay) - 0.75) / 0.25,  # ring
+    lambda ax, ay, dy: _plus(ax, ay),  # plus
+    lambda ax, ay, dy: _plus(np.abs(ax - ay) * 0.7071, (ax + ay) * 0.7071),  # x (plus turned 45)
+    lambda ax, ay, dy: 2 * np.maximum(dy, 0.866 * ax - 0.5 * dy),  # triangle, apex up
+    lambda ax, ay, dy: np.maximum(ax, np.abs(ay - 0.6) / 0.3),  # two horizontal bars
+    lambda ax, ay, dy: np.abs(np.maximum(ax, ay) - 0.75) / 0.25,  # square frame
+    lambda ax, ay, dy: np.maximum(ay, np.abs(ax - 0.6) / 0.3),  # two vertical bars
+)
+
+
+class Synthetic(ImageSet):
+    """Built-in class-conditional data: no files, no downloads, any size, cheap on a CPU.
+
+    Image i has class i % 10 and shows two copies of that class's shape in that class's colour
+    (red disc, orange square, yellow diamond, green ring, cyan plus, blue x, purple triangle, pink
+    horizontal bars, white frame, brown vertical bars), placed as mirror images of each other about
+    the vertical centre line, on a dark vertical gradient. Position, size, brightness and background
+    are drawn from a generator seeded with i alone, so an index always gives the same image.
+
+    The mirror is the point: the two objects are about half the image apart and must agree in
+    shape, colour, size and height, which a convolution sees only after many layers and a
+    self-attention layer sees at once. At 32x32 one image takes about 0.1 ms to draw.
+    """
+
+    n_classes = 10
+
+    def __init__(self, size, flip=False, length=50_000):
+        super().__init__(size, flip)
+        self.length = length
+        u = (2 * np.arange(size, dtype=np.float32) + 1) / size - 1  # pixel centres in (-1, 1)
+        # Distance from the vertical centre line, made exactly symmetric so the mirror is exact.
+        au = np.abs(u)
+        self.ax = np.maximum(au, au[::-1])[None, :]  # (1, S)
+        self.y = u[:, None]  # (S, 1), rows grow downwards
+
+    def __len__(self):
+        return self.length
+
+    def pixels(self, index):
+        label = index % 10
+        rng = np.random.default_rng(index)
+        cx, cy, r, shade = rng.uniform((0.40, -0.55, 0.20, 0.80), (0.60, 0.55, 0.32, 1.00))
+        top, bottom = rng.uniform(0.0, 0.25, (2, 3)).astype(np.float32)
+        # Using |x| as the horizontal coordinate draws the object and its mirror image in one go.
+        dx, dy = (self.ax - cx) / r, (self.y - cy) / r  # (1, S), (S, 1)
+        level = SHAPES[label](np.abs(dx), np.abs(dy), dy)  # (S, S)
+        # Antialiased edge: opacity ramps over one pixel (a pixel is 2 / S wide).
+        alpha = np.clip((1 - level) * (r * self.size / 2) + 0.5, 0, 1)[:, :, None]  # (S, S, 1)
+        background = top + (bottom - top) * ((self.y[:, :, None] + 1) / 2)  # (S, 1, 3)
+        image = background + alpha * (shade * COLOURS[label] - background)  # (S, S, 3)
+        return (image * 255 + 0.5).astype(np.uint8), label
+
+
+# --- image files --------------------------------------------------------------------------------
+
+def load_image(path, size):
+    """Read any image file as (size, size, 3) uint8 RGB: centre square crop, antialiased resize."""
+    with Image.open(path) as img:
+        return resize_square(to_rgb(img), size)
+
+
+def to_rgb(img):
+    """Convert any Pillow mode to 8-bit RGB without the conversions Pillow gets wrong."""
+    if img.mode.startswith("I") or img.mode == "F":
+        # 16-bit (and 32-bit integer) grayscale: Pillow's convert("L") clips at 255, turning
+        # most pixels white; scale 0..65535 down to 0..255 instead.
+        scale = 1.0 if img.mode == "F" else 1 / 257
+        gray = np.asarray(img, dtype=np.float64) * scale
+        img = Image.fromarray(np.clip(gray + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    # Covers L, 1, P, CMYK (Pillow applies the Adobe inversion), YCbCr and RGB itself.
+    return img.convert("RGB")
+
+
+def resize_square(img, size):
+    """Centre crop to a square on the short side, then antialiased bilinear resize."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    # Crop first: resize(box=...) would blend in pixels from outside the box at the edges.
+    # Pillow's bilinear filter widens its support when shrinking, so this is antialiased.
+    img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)  # (size, size, 3)
+
+
+def scan(root):
+    """Find the images under root. Returns (files, labels, classes, skipped).
+
+    Class subfolders (with images somewhere inside) give labels in sorted name order, as in
+    torchvision's ImageFolder; a root with no such subfolder is one unlabelled class. Hidden files
+    and folders are ignored; other non-image files are skipped by extension and reported.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a directory")
+    top, by_class, skipped = [], {}, []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root).parts
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            path = os.path.join(dirpath, name)
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                skipped.append((path, "non-image file"))
+            elif rel:
+                by_class.setdefault(rel[0], []).append(path)
+            else:
+                top.append(path)
+    if not by_class:
+        return top, [0] * len(top), [], skipped
+    skipped += [(path, "image outside class folders") for path in top]
+    classes = sorted(by_class)
+    files = [path for c in classes for path in by_class[c]]
+    labels = [label for label, c in enumerate(classes) for _ in by_class[c]]
+    return files, labels, classes, skipped
+
+
+class ImageFolder(ImageSet):
+    """Images under a folder: class subfolders give labels, a flat folder is unconditional."""
+
+    def __init__(self, root, size, flip=False, require_classes=False):
+        super().__init__(size, flip)
+        self.root = Path(root)
+        self.files, labels, self.classes, self.scan_skipped = scan(root)
+        # Marks files that failed to decode. Shared memory, so that marks made inside DataLoader
+        # workers reach the main process's summary and each bad file is warned about once.
+        self.bad = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
+        if not self.files:
+            detail = f" ({self.summary})" if self.scan_skipped else ""
+            raise DataError(f"no images found under {root}{detail}")
+        if require_classes and not self.classes:
+            raise DataError(f"{root} has images but no class subfolders; expected an ImageNet-"
+                            "style train directory with one subfolder per class (synset)")
+        if require_classes and "train" in self.classes:
+            raise DataError(f"{root} looks like the dataset's top folder (it has a 'train' "
+                            f"subfolder); pass {self.root / 'train'}")
+        self.labels = np.array(labels, dtype=np.int64)
+        self.n_classes = len(self.classes)
+
+    def __len__(self):
+        return len(self.files)
+
+    def pixels(self, index):
+        # An unreadable file gives the next readable one instead, so an epoch never stops.
+        for i in range(index, index + len(self.files)):
+            i %= len(self.files)
+            if self.bad[i]:
+                continue
+            try:
+                return load_image(self.files[i], self.size), int(self.labels[i])
+            except Exception as err:  # decoders raise OSError, ValueError, SyntaxError, ...
+                self.bad[i] = True
+                warnings.warn(f"skipping unreadable image {self.files[i]}: {err}", stacklevel=2)
+        raise DataError(f"none of the {len(self.files)} images under {self.root} can be read")
+
+    @property
+    def skipped(self):
+        bad = [(self.files[i], "unreadable image") for i in self.bad.nonzero().flatten().tolist()]
+        return self.scan_skipped + bad
+
+
+# --- CIFAR-10 and prepared arrays ---------------------------------------------------------------
+
+class Cifar10(ImageSet):
+    """The CIFAR-10 training set (50,000 images, 10 classes) through torchvision."""
+
+    n_classes = 10
+
+    def __init__(self, root, size, flip=False):
+        super().__init__(size, flip)
+        import torchvision  # only this source needs it
+
+        try:
+            train = torchvision.datasets.CIFAR10(root, train=True, download=True)
+        except Exception as err:  # offline: URLError; partial download: RuntimeError, ReadError
+            reason = " ".join(str(err).split())  # keep the message on one line
+            raise DataError(f"CIFAR-10 is not in {root} and could not be downloaded ({reason}); "
+                            f"on a machine with internet, fetch {CIFAR10_URL} and extract it into "
+                            f"{root}") from None
+        self.data = train.data  # (50000, 32, 32, 3) uint8
+        self.labels = np.asarray(train.targets, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.data)
+
+    def pixels(self, index):
+        image = self.data[index]
+        if self.size != 32:
+            image = resize_square(Image.fromarray(image), self.size)
+        return image, int(self.labels[index])
+
+
+class Prepared(ImageSet):
+    """A folder written by `prepare`, read through a memory map (the fast path for big data)."""
+
+    def __init__(self, root, size, flip=False):
+        super().__init__(size, flip)
+        self.root = Path(root)
+        try:
+            meta = json.loads((self.root / "meta.json").read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"no prepared data in {root} ({err}); create it with "
+                            f"python data.py prepare --out {root} ...") from None
+        if not isinstance(meta, dict) or meta.get("format") != "sagan-prepared" \
+                or meta.get("version") != 1:
+            raise DataError(f"{root}/meta.json is not from this version of data.py prepare")
+        if meta["size"] != size:
+            raise DataError(f"prepared data in {root} is {meta['size']}x{meta['size']}, not "
+                            f"{size}x{size}; prepare it again with --size {size}")
+        n = meta["count"]
+        try:
+            self.labels = np.load(self.root / "labels.npy")  # (N,) int64
+            complete = self._open().shape == (n, size, size, 3) and self.labels.shape == (n,)
+        except (OSError, ValueError):
+            complete = False
+        if not complete:
+            raise DataError(f"prepared data in {root} is incomplete; prepare it again")
+        self.n_classes = meta["n_classes"]
+
+    def _open(self):
+        # Opened lazily in each process: pickling a memory map to a worker would copy all of it.
+        if getattr(self, "images", None) is None:
+            self.images = np.load(self.root / "images.npy", mmap_mode="r")
+        return self.images
+
+    def __getstate__(self):
+        return {**self.__dict__, "images": None}
+
+    def __len__(self):
+        return len(self.labels)
+
+    def pixels(self, index):
+        return self._open()[index], int(self.labels[index])
+
+
+def make_dataset(source, root, size, flip=False, length=None):
+    """The dataset for a source in SOURCES; see the module docstring for what each item is.
+
+    root: data folder (cifar10 default "./data"; unused by synthetic). length: number of
+    synthetic images (default 50,000). Raises DataError for any problem with the user's data.
+    """
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    if not isinstance(size, int) or size < 1:
+        raise DataError(f"image size must be a positive integer, got {size!r}")
+    if length is not None and source != "synthetic":
+        raise DataError(f"a length only applies to synthetic data, not to {source}")
+    if length is not None and length < 1:
+        raise DataError(f"the synthetic length must be positive, got {length}")
+    if source == "synthetic":
+        return Synthetic(size, flip, 50_000 if length is None else length)
+    if source == "cifar10":
+        return Cifar10(root or "./data", size, flip)
+    if not root:
+        raise DataError(f"data source {source} needs a data root (--data-root)")
+    if source == "prepared":
+        return Prepared(root, size, flip)
+    return ImageFolder(root, size, flip, require_classes=source == "imagenet")
+
+
+# --- prepare ------------------------------------------------------------------------------------
+
+class _Pixels(Dataset):
+    """Items as (S, S, 3) uint8 tensors, for prepare's loader workers."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        pixels, label = self.dataset.pixels(index)
+        return torch.from_numpy(np.array(pixels)), label
+
+
+def prepare(source, root, size, out, workers=4, length=None, batch_size=256, log=sys.stderr):
+    """Decode and resize a source once into `out` (layout in the module docstring).
+
+    Files are written under temporary names and renamed into place, meta.json last, so an
+    interrupted run never leaves a folder that `make_dataset("prepared", ...)` accepts.
+    Returns the dataset that was read, for its summary of skipped files.
+    """
+    if source == "prepared":
+        raise DataError("prepared data is what prepare writes; choose one of "
+                        + ", ".join(SOURCES[:-1]))
+    dataset = make_dataset(source, root, size, length=length)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)
+        images = np.lib.format.open_memmap(out / "images.npy.tmp", mode="w+", dtype=np.uint8,
+                                           shape=(len(dataset), size, size, 3))
+    except OSError as err:
+        raise DataError(f"cannot write to {out}: {err}") from None
+    labels = np.zeros(len(dataset), dtype=np.int64)
+    loader = DataLoader(_Pixels(dataset), batch_size=batch_size, num_workers=workers)
+    done, start, last = 0, time.time(), 0.0
+    for x, y in loader:  # (B, S, S, 3) uint8, (B,)
+        images[done:done + len(x)] = x.numpy()
+        labels[done:done + len(x)] = y.numpy()
+        done += len(x)
+        now = time.time()
+        if now - last >= 2 or done == len(dataset):
+            last, rate = now, done / max(now - start, 1e-9)
+            eta = int((len(dataset) - done) / rate)
+            eta = f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+            print(f"prepare {done}/{len(dataset)}  {rate:.0f} images/s  ETA {eta}", file=log)
+    images.flush()
+    del images
+    with open(out / "labels.npy.tmp", "wb") as f:
+        np.save(f, labels)
+    meta = {"format": "sagan-prepared", "version": 1, "source": source, "size": size,
+            "n_classes": dataset.n_classes, "count": len(dataset),
+            "skipped": dataset.summary}
+    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=1) + "\n")
+    for name in ("images.npy", "labels.npy", "meta.json"):
+        os.replace(out / (name + ".tmp"), out / name)
+    return dataset
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="write a pre-resized uint8 copy of a source")
+    p.add_argument("--data", default="synthetic", help=f"one of {', '.join(SOURCES[:-1])}")
+    p.add_argument("--data-root", default=None, help="the source's folder (cifar10: ./data)")
+    p.add_argument("--size", type=int, required=True, help="image side in pixels")
+    p.add_argument("--out", required=True, help="folder to write images.npy, labels.npy, meta.json")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="decoding processes")
+    p.add_argument("--length", type=int, default=None, help="number of synthetic images")
+    args = parser.parse_args(argv)
+    try:
+        if args.workers < 0:
+            raise DataError("--workers must be >= 0")
+        dataset = prepare(args.data, args.data_root, args.size, args.out, args.workers, args.length)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if dataset.summary:
+        print(dataset.summary, file=sys.stderr)
+    print(f"wrote {len(dataset)} images of {args.size}x{args.size} to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
