@@ -148,12 +148,17 @@ def check_config(cfg, world=1):
         raise UserError(f"--size {cfg.size} is not supported; choose from {sorted(ATTN_BY_SIZE)}")
     if cfg.attn == "auto":
         cfg.attn = ATTN_BY_SIZE[cfg.size]
-    for name in ("batch_size", "steps", "d_steps", "accum", "ch", "z_dim"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    at_least = {1: ("batch_size", "steps", "d_steps", "accum", "ch", "z_dim", "log_every", "sample_every",
+                    "ckpt_every", "bench_iters", "bench_rounds", "eval_n"), 0: ("workers", "eval_every", "ema_start")}
+    for low, names in at_least.items():
+        for name in names:
+            if getattr(cfg, name) < low:
+                raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
     for name in ("lr_g", "lr_d"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and 0 <= cfg.ema_decay < 1):
+        raise UserError("--beta1, --beta2 and --ema-decay must lie in [0, 1)")
     if cfg.batch_size % (world * cfg.accum):
         raise UserError(f"--batch-size {cfg.batch_size} must divide by processes x --accum = {world * cfg.accum}")
     if cfg.data != "synthetic" and not cfg.data_root and cfg.data != "cifar10":
@@ -161,7 +166,10 @@ def check_config(cfg, world=1):
 
 
 def model_config(cfg, n_classes):
-    attn = () if cfg.attn in ("none", "") else tuple(int(r) for r in cfg.attn.split(","))
+    try:
+        attn = () if cfg.attn in ("none", "") else tuple(int(r) for r in cfg.attn.split(","))
+    except ValueError:
+        raise UserError(f"--attn takes resolutions such as 64 or 32,64, or none; got {cfg.attn}") from None
     try:
         return ModelConfig(size=cfg.size, ch=cfg.ch, z_dim=cfg.z_dim, n_classes=n_classes,
                            attn=attn, pooled=cfg.pooled, g_sn=cfg.g_sn)
@@ -179,6 +187,8 @@ def setup_processes(cfg):
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise UserError(f"--device {device} is not supported; use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}, but torch sees no CUDA GPU")
     if world > 1:
