@@ -1,17 +1,40 @@
-"""Tests for sagan: the model, the trainer, the data and the metrics.
+"""Tests for sagan: the model, the data, the trainer, the metrics and the faults.
 
 Three kinds, as in STYLE.md: equivalence to a reference (spectral norm against
 torch.linalg.matrix_norm, the fused attention path against the explicit one), closed forms (hinge
 values, FID of Gaussians, IS of known predictions), and invariants (gamma = 0 is the identity,
-rows of beta sum to 1, shapes, parameter counts); plus end-to-end runs on tiny synthetic data.
-Everything runs on a CPU in seconds; nothing is downloaded.
+rows of beta sum to 1, shapes, parameter counts); plus end-to-end runs and faults (kills, signals,
+full disks, NaNs, bad input) on tiny synthetic data. Everything runs on a CPU; nothing is
+downloaded: the Inception weights are random ones made here in the layout of pytorch-fid's file.
 """
 
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import random as pyrandom
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import warnings
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import data
+import evaluate as ev
+import train
+from data import DataError, make_dataset
 from sagan import (Discriminator, Generator, ModelConfig, SelfAttention, d_hinge_loss,
                    g_hinge_loss)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def n_params(module):
@@ -194,17 +217,261 @@ def test_gamma_gets_a_gradient_at_zero():
 
 
 # ---------------------------------------------------------------------------------------------
+# data.py
+# ---------------------------------------------------------------------------------------------
+
+# --- synthetic ----------------------------------------------------------------------------------
+
+def test_synthetic_items_are_deterministic_and_leave_global_rngs_alone():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    a, b = make_dataset("synthetic", None, 32), make_dataset("synthetic", None, 32)
+    x, y = a[123]
+    assert torch.equal(x, b[123][0]) and y == b[123][1] == 3
+    assert not torch.equal(x, a[133][0])  # same class, another image
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], numpy_state)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    assert -1 <= x.min() < -0.5 and 0 < x.max() <= 1  # dark background, bright objects
+    assert len(a) == 50_000 and a.n_classes == 10
+    assert len(make_dataset("synthetic", None, 8, length=10)) == 10
+
+
+@pytest.mark.parametrize("size", [1, 7, 32, 45, 100, 128])
+def test_synthetic_any_size_and_exact_mirror_symmetry(size):
+    d = make_dataset("synthetic", None, size)
+    for i in range(40):
+        x, _ = d[i]
+        assert x.shape == (3, size, size)
+        # The two objects are mirror images: the long-range structure attention should learn.
+        assert torch.equal(x, x.flip(2))
+
+
+def test_synthetic_classes_differ_in_colour_and_shape():
+    d = make_dataset("synthetic", None, 16)
+
+    def brightest(x):  # (3, S, S) -> (3,) colour of the brightest pixel: the object's colour
+        flat = x.flatten(1)
+        return flat[:, flat.sum(0).argmax()]
+
+    colours = torch.stack([brightest(d[i][0]) for i in range(400)])
+    labels = torch.tensor([d[i][1] for i in range(400)])
+    means = torch.stack([colours[:200][labels[:200] == c].mean(0) for c in range(10)])
+    predicted = torch.cdist(colours[200:], means).argmin(1)
+    assert (predicted == labels[200:]).float().mean() >= 0.97
+
+    u = np.linspace(-1.5, 1.5, 96, dtype=np.float32)
+    dx, dy = np.broadcast_arrays(u[None, :], u[:, None])
+    masks = [shape(np.abs(dx), np.abs(dy), dy) < 1 for shape in data.SHAPES]
+    for i in range(10):
+        for j in range(i):
+            iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+            # No two shapes overlap more than a disc and its bounding square (pi / 4 = 0.785).
+            assert iou < 0.8, (i, j, iou)
+
+
+# --- image files --------------------------------------------------------------------------------
+
+def save_odd_images(folder):
+    """One image per awkward mode, each a flat colour we can check, plus a corrupt file and a
+    non-image. Returns the expected RGB colour (0..255) per good file name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (40, 30), 77).save(folder / "gray.png")
+    rgba = Image.new("RGBA", (30, 40), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 30, 40))
+    rgba.save(folder / "rgba.png")
+    Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(folder / "clear.png")  # composited on white
+    palette = Image.new("P", (25, 25), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.save(folder / "palette.png")
+    Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(folder / "cmyk.jpg", quality=95)
+    Image.fromarray(np.full((24, 36), 32768, np.uint16)).save(folder / "deep.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    (folder / "notes.txt").write_text("hello")
+    return {"gray.png": (77, 77, 77), "rgba.png": (0, 0, 255), "clear.png": (255, 255, 255),
+            "palette.png": (10, 200, 30), "cmyk.jpg": (255, 0, 0), "deep.png": (128, 128, 128)}
+
+
+def test_folder_decodes_every_mode_and_reports_skipped_files(tmp_path):
+    expected = save_odd_images(tmp_path / "flat")
+    assert Image.open(tmp_path / "flat" / "deep.png").mode == "I;16"
+    d = make_dataset("folder", tmp_path / "flat", 16)
+    assert d.n_classes == 0 and len(d) == 7  # the six good images and corrupt.png
+    assert d.summary == "skipped 1 non-image file (notes.txt)"
+    names = [Path(path).name for path in d.files]
+    with pytest.warns(UserWarning, match="corrupt.png"):
+        items = dict(zip(names, (d[i] for i in range(len(d)))))
+    # A bad file gives the next readable one in sorted order instead: corrupt.png -> deep.png.
+    assert torch.equal(items.pop("corrupt.png")[0], items["deep.png"][0])
+    for name, (x, y) in items.items():
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 0
+        want = torch.tensor(expected[name], dtype=torch.float32) / 127.5 - 1
+        # JPEG colour conversion is a few levels off; everything else is exact up to rounding.
+        tol = 0.06 if name.endswith(".jpg") else 1 / 127.5
+        assert (x - want[:, None, None]).abs().max() <= tol, name
+    assert [(Path(p).name, reason) for p, reason in d.skipped] == [
+        ("notes.txt", "non-image file"), ("corrupt.png", "unreadable image")]
+    assert d.summary == "skipped 1 non-image file (notes.txt), 1 unreadable image (corrupt.png)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a known-bad file is not warned about again
+        d[names.index("corrupt.png")]
+
+
+def test_centre_crop_and_flip(tmp_path):
+    # 60x40: a red and a blue band of 10 columns outside the central 40x40 green square.
+    a = np.zeros((40, 60, 3), np.uint8)
+    a[:, :10, 0], a[:, 10:50, 1], a[:, 50:, 2] = 255, 255, 255
+    a[:, 10:30, 2] = 255  # left half of the square cyan, so a flip is visible
+    Image.fromarray(a).save(tmp_path / "wide.png")
+    x, _ = make_dataset("folder", tmp_path, 8)[0]
+    assert x[0].max() == -1  # no red from outside the crop, not even at the edges
+    assert torch.all(x[1] == 1)
+    assert torch.all(x[2, :, 0] == 1) and torch.all(x[2, :, -1] == -1)
+    flipping = make_dataset("folder", tmp_path, 8, flip=True)
+    torch.manual_seed(0)
+    seen = {bool(torch.equal(flipping[0][0], x.flip(2))) for _ in range(20)}
+    assert seen == {True, False}
+
+
+def test_class_tree_gives_labels_and_imagenet_needs_one(tmp_path):
+    for rel in ["cat/a.png", "dog/b.png", "dog/sub/c.png", ".hidden/d.png", "loose.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / rel)
+    for source in ("folder", "imagenet"):
+        d = make_dataset(source, tmp_path, 8)
+        assert d.classes == ["cat", "dog"] and d.n_classes == 2
+        assert [d[i][1] for i in range(len(d))] == [0, 1, 1]
+        assert d.summary == "skipped 1 image outside class folders (loose.png)"
+    flat = tmp_path / "dog" / "sub"
+    assert make_dataset("folder", flat, 8).n_classes == 0
+    with pytest.raises(DataError, match="no class subfolders"):
+        make_dataset("imagenet", flat, 8)
+    (tmp_path / "top" / "train").mkdir(parents=True)
+    (tmp_path / "dog").rename(tmp_path / "top" / "train" / "n02084071")
+    with pytest.raises(DataError, match="pass .*train"):
+        make_dataset("imagenet", tmp_path / "top", 8)
+
+
+def test_bad_data_gives_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("x")
+    cases = [
+        (("folder", tmp_path / "empty", 32), "no images found"),
+        (("folder", tmp_path / "texts", 32), r"no images found .*1 non-image file \(a.txt\)"),
+        (("imagenet", tmp_path / "missing", 32), "does not exist"),
+        (("folder", tmp_path / "texts" / "a.txt", 32), "not a directory"),
+        (("folder", None, 32), "needs a data root"),
+        (("webdataset", None, 32), "unknown data source 'webdataset'"),
+        (("synthetic", None, 0), "positive integer"),
+        (("folder", tmp_path / "texts", 32, False, 5), "only applies to synthetic"),
+        (("synthetic", None, 32, False, 0), "length must be positive"),
+        (("prepared", tmp_path / "empty", 32), "no prepared data"),
+    ]
+    for args, message in cases:
+        with pytest.raises(DataError, match=message) as info:
+            make_dataset(*args)
+        assert "\n" not in str(info.value)
+
+
+def test_all_images_unreadable_is_an_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"junk")
+    d = make_dataset("folder", tmp_path, 8)
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the 1 images"):
+        d[0]
+
+
+def test_cifar10_wraps_torchvision_and_explains_offline(tmp_path, monkeypatch):
+    import torchvision
+
+    class FakeCifar:
+        def __init__(self, root, train, download):
+            self.data = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+            self.targets = [3, 1, 4, 1]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCifar)
+    d = make_dataset("cifar10", tmp_path, 32)
+    x, y = d[2]
+    assert y == 4 and d.n_classes == 10 and len(d) == 4
+    assert torch.equal(x, torch.from_numpy(FakeCifar(0, 0, 0).data[2]).permute(2, 0, 1) / 127.5 - 1)
+    assert make_dataset("cifar10", tmp_path, 64)[0][0].shape == (3, 64, 64)
+
+    def offline(root, train, download):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz") as info:
+        make_dataset("cifar10", tmp_path, 32)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+
+
+# --- prepared -----------------------------------------------------------------------------------
+
+def test_prepare_matches_the_direct_dataset(tmp_path):
+    save_odd_images(tmp_path / "cls" / "a")
+    Image.new("RGB", (50, 20), (1, 2, 3)).save(tmp_path / "cls" / "b.png")
+    (tmp_path / "cls" / "b").mkdir()
+    Image.new("RGB", (50, 20), (1, 2, 3)).save(tmp_path / "cls" / "b" / "c.png")
+    log = tmp_path / "log.txt"
+    for source, root, length in [("folder", tmp_path / "cls", None), ("synthetic", None, 37)]:
+        out = tmp_path / f"prepared-{source}"
+        with warnings.catch_warnings(), open(log, "w") as f:
+            warnings.simplefilter("ignore")
+            prepare_dataset = data.prepare(source, root, 12, out, workers=0, length=length,
+                                           batch_size=5, log=f)
+        assert f"{len(prepare_dataset)}/{len(prepare_dataset)}" in log.read_text()
+        assert sorted(p.name for p in out.iterdir()) == ["images.npy", "labels.npy", "meta.json"]
+        direct = make_dataset(source, root, 12, length=length)
+        prepared = make_dataset("prepared", out, 12)
+        assert len(prepared) == len(direct) and prepared.n_classes == direct.n_classes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(len(direct)):
+                (x, y), (xp, yp) = direct[i], prepared[i]
+                assert y == yp and (x - xp).abs().max() <= 1 / 127.5
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["count"] == len(direct) and meta["size"] == 12
+    assert meta["n_classes"] == 10
+    folder_meta = json.loads((tmp_path / "prepared-folder" / "meta.json").read_text())
+    assert folder_meta["n_classes"] == 2
+    assert "1 unreadable image (corrupt.png)" in folder_meta["skipped"]
+
+    with pytest.raises(DataError, match="is 12x12, not 16x16; prepare it again with --size 16"):
+        make_dataset("prepared", out, 16)
+    # A worker process gets the file name, not a copy of the whole array.
+    assert len(pickle.dumps(prepared)) < 3000 and np.array_equal(
+        pickle.loads(pickle.dumps(prepared)).pixels(5)[0], prepared.pixels(5)[0])
+    (out / "images.npy").unlink()
+    with pytest.raises(DataError, match="incomplete"):
+        make_dataset("prepared", out, 12)
+
+
+def test_prepare_command_line(tmp_path):
+    save_odd_images(tmp_path / "images")
+    command = [sys.executable, os.path.join(HERE, "data.py"), "prepare", "--data", "folder",
+               "--data-root", str(tmp_path / "images"), "--size", "8", "--workers", "2"]
+    done = subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # The unreadable file was found inside a worker process, and still reported here.
+    assert "skipped 1 non-image file (notes.txt), 1 unreadable image (corrupt.png)" in done.stderr
+    assert "prepare 7/7" in done.stderr
+    assert len(make_dataset("prepared", tmp_path / "out", 8)) == 7
+
+    command[command.index("--data-root") + 1] = str(tmp_path / "nowhere")
+    bad = subprocess.run(command + ["--out", str(tmp_path / "out2")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"error: data root {tmp_path / 'nowhere'} "
+                                                "does not exist"]
+
+
+# ---------------------------------------------------------------------------------------------
 # train.py
 # ---------------------------------------------------------------------------------------------
 
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
-import train  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--size", "32", "--ch", "8", "--batch-size", "8", "--log-every", "5", "--sample-every", "5",
         "--ckpt-every", "100"]
 
@@ -293,6 +560,68 @@ def test_missing_imagenet_root_is_one_clear_line():
     assert err.startswith("error:") and "/nonexistent" in err
 
 
+@pytest.fixture(scope="module")
+def bad_train_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_train")
+    (d / "empty").mkdir()
+    (d / "junk.pt").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, d / "foreign.pt")
+    torch.save({"format": "sagan-checkpoint", "version": 99}, d / "v99.pt")
+    assert train.main(TINY + ["--steps", "1", "--out", d / "run"]) == 0
+    whole = (d / "run" / "ckpt.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    return d
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "mnist"], "unknown data source 'mnist'"),
+    (["--data", "imagenet"], "needs --data-root"),
+    (["--data", "folder", "--data-root", "{d}/missing"], "does not exist"),
+    (["--data", "folder", "--data-root", "{d}/empty"], "no images found"),
+    (["--data", "prepared", "--data-root", "{d}/empty"], "no prepared data"),
+    (["--size", "48"], "--size 48 is not supported"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--lr-g", "0"], "--lr-g must be positive"),
+    (["--lr-d=-1e-4"], "--lr-d must be positive"),
+    (["--beta2", "1.5"], "must lie in [0, 1)"),
+    (["--batch-size", "10", "--accum", "3"], "must divide"),
+    (["--attn", "8,x"], "--attn takes resolutions"),
+    (["--attn", "32"], "attention resolution 32 is not a feature-map size"),
+    (["--device", "tpu"], "--device tpu is not supported"),
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--resume", "{d}/missing.pt"], "does not exist"),
+    (["--resume", "{d}/junk.pt"], "not a readable sagan checkpoint"),
+    (["--resume", "{d}/truncated.pt"], "not a readable sagan checkpoint"),
+    (["--resume", "{d}/foreign.pt"], "is not a sagan checkpoint"),
+    (["--resume", "{d}/v99.pt"], "format version 99"),
+    (["--eval-every", "5", "--ref-stats", "{d}/junk.pt"], "cannot read statistics file"),
+    (["--eval-every", "5", "--eval-n", "5"], "--eval-n must be at least 10"),
+    (["--benchmark", "--bench-variants", "fp64"], "unknown benchmark variant"),
+    (["--benchmark", "--bench-attention", "4,128"], "--bench-attention takes B,C,H,W"),
+])
+def test_train_user_errors_print_one_line_and_exit_2(args, message, bad_train_inputs, tmp_path, capsys):
+    argv = [a.format(d=bad_train_inputs) for a in args] + ["--out", tmp_path / "out"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_folder_of_odd_images_trains_and_reports_skipped_files(tmp_path, capsys):
+    """Grayscale, RGBA, palette, CMYK and 16-bit images train; a corrupt file and a text file
+    are skipped, named and counted in the summary, and nothing crashes mid-epoch."""
+    save_odd_images(tmp_path / "images")
+    # Two loader processes: the unreadable file is found inside a worker, and still reported.
+    code = train.main(["--data", "folder", "--data-root", tmp_path / "images", "--size", "32", "--ch", "8",
+                       "--batch-size", "2", "--steps", "5", "--log-every", "5", "--workers", "2",
+                       "--out", tmp_path / "run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert '"n_classes": 0' in out  # a flat folder: unconditional
+    assert "skipped 1 non-image file (notes.txt), 1 unreadable image (corrupt.png)" in out
+    assert train.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 5
+
+
 def test_benchmark_smoke_prints_the_table():
     code, out, err = run_cli("train.py", "--benchmark", "--size", "32", "--ch", "8", "--batch-size", "4",
                              "--bench-iters", "1", "--bench-variants", "fp32,explicit_attn,channels_last")
@@ -301,3 +630,534 @@ def test_benchmark_smoke_prints_the_table():
         assert word in out, word
     rows = [l.split() for l in out.splitlines() if l.split() and l.split()[0] in train.VARIANTS]
     assert len(rows) == 3 and all(float(r[2]) > 0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py
+# ---------------------------------------------------------------------------------------------
+
+# sha256 of "key\t[shape]" lines (no num_batches_tracked) of pt_inception-2015-12-05-6726825d.pth,
+# computed from ../shared/inception_keys.txt: 472 tensors.
+INCEPTION_LAYOUT_SHA256 = "408eec081bc2249acf81666e84633e14cde197677e465a73328db99d9f1f7bb5"
+
+
+def random_inception_state(seed=0):
+    """Random weights in the FID Inception layout that keep activations O(1) through the net."""
+    torch.manual_seed(seed)
+    net = ev.FIDInception()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    torch.nn.init.normal_(net.fc.weight, std=0.05)
+    return {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+@pytest.fixture(scope="module")
+def fid_state():
+    return random_inception_state()
+
+
+@pytest.fixture(scope="module")
+def fid_weights(fid_state, tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    torch.save(fid_state, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fid_net(fid_weights):
+    return ev.load_inception(fid_weights)
+
+
+def make_checkpoint(path, attn=(16,), n_classes=3):
+    """A checkpoint in train.py's format (DESIGN.md), with different G and G_ema weights."""
+    cfg = ModelConfig(size=32, ch=8, z_dim=16, n_classes=n_classes, attn=attn)
+    torch.manual_seed(1)
+    G, G_ema = Generator(cfg), Generator(cfg)
+    for layer in G_ema.attention_layers:
+        layer.gamma.data.fill_(0.5)
+    torch.save({"format": "sagan-checkpoint", "version": 1, "step": 7, "model": dataclasses.asdict(cfg),
+                "train": {}, "G": G.state_dict(), "D": {}, "G_ema": G_ema.state_dict(), "opt_G": {},
+                "opt_D": {}, "rng": {}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("run") / "ckpt.pt")
+
+
+def random_spd(d, seed, rank=None):
+    g = np.random.RandomState(seed)
+    a = g.randn(d, rank or d)
+    return a @ a.T / (rank or d) + (0 if rank else 0.1 * np.eye(d))
+
+
+# --- FID closed forms ----------------------------------------------------------------------------
+
+def test_fid_of_identical_statistics_is_zero():
+    mu, s = np.random.RandomState(0).randn(64), random_spd(64, 1)
+    assert abs(ev.frechet_distance(mu, s, mu, s)) < 1e-8
+
+
+def test_fid_with_equal_covariances_is_squared_mean_distance():
+    g = np.random.RandomState(0)
+    mu1, mu2, s = g.randn(64), g.randn(64), random_spd(64, 1)
+    assert ev.frechet_distance(mu1, s, mu2, s) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-9)
+
+
+def test_fid_of_diagonal_covariances():
+    g = np.random.RandomState(0)
+    mu1, mu2, s1, s2 = g.randn(32), g.randn(32), g.uniform(0.1, 3, 32), g.uniform(0.1, 3, 32)
+    want = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(want, rel=1e-10)
+
+
+def test_fid_of_non_commuting_covariances_matches_an_independent_computation():
+    s1, s2 = random_spd(48, 1), random_spd(48, 2)
+    assert np.abs(s1 @ s2 - s2 @ s1).max() > 0.1  # they do not commute
+    # Independent: eigenvalues of the non-symmetric S1 S2 (real and positive) with numpy's eig.
+    tr_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    want = np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    zeros = np.zeros(48)
+    assert ev.frechet_distance(zeros, s1, zeros, s2) == pytest.approx(want, rel=1e-9)
+
+
+def test_fid_with_rank_deficient_covariances_is_finite_and_non_negative():
+    g = np.random.RandomState(0)
+    with pytest.warns(UserWarning, match="singular"):
+        mu1, s1 = ev.feature_stats(g.rand(20, 64))  # N < d: rank 19
+    with pytest.warns(UserWarning):
+        mu2, s2 = ev.feature_stats(g.rand(30, 64) + 0.1)
+    fid = ev.frechet_distance(mu1, s1, mu2, s2)
+    assert np.isfinite(fid) and fid >= 0
+    assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) < 1e-8
+
+
+def test_feature_stats_are_mean_and_unbiased_covariance():
+    x = np.random.RandomState(0).randn(300, 16).astype(np.float32)
+    mu, sigma = ev.feature_stats(torch.from_numpy(x))
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=0, atol=1e-12)
+
+
+# --- Inception Score -------------------------------------------------------------------------------
+
+def test_inception_score_of_identical_predictions_is_one():
+    logits = torch.randn(1, 1008).repeat(50, 1)
+    mean, std = ev.inception_score(logits)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    mean, _ = ev.inception_score(logits.softmax(1))  # probabilities give the same
+    assert mean == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 7, 100])
+def test_inception_score_of_one_hot_predictions_spread_over_k_classes_is_k(k):
+    n = 10 * 2 * k
+    labels = np.empty(n, np.int64)
+    # Placed so that after torch-fidelity's fixed shuffle every split holds each class twice.
+    labels[np.random.RandomState(2020).permutation(n)] = np.arange(n) % k
+    probs = torch.eye(1008, dtype=torch.float64)[labels]
+    mean, std = ev.inception_score(probs)
+    assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0, abs=1e-12)
+    # Sorted by class, as generated datasets often are, and unshuffled, splits would see few classes.
+    assert ev.inception_score(probs[labels.argsort()], splits=1)[0] == pytest.approx(k, rel=1e-12)
+
+
+def test_inception_score_of_logits_equals_that_of_their_softmax():
+    logits = torch.randn(200, 1008) * 4
+    assert ev.inception_score(logits)[0] == pytest.approx(ev.inception_score(logits.double().softmax(1))[0], rel=1e-12)
+
+
+def test_inception_score_needs_a_sample_per_split():
+    with pytest.raises(ev.UserError, match="at least 10 samples"):
+        ev.inception_score(torch.randn(9, 1008))
+
+
+# --- Preprocessing ---------------------------------------------------------------------------------
+
+def test_tf1_resize_on_known_values():
+    # 1 x 3 ramp -> 5: source coordinates 0, 0.6, 1.2, 1.8, 2.4; the last has both neighbours at
+    # the border (upper index clamped), so it is 20, not an extrapolation.
+    x = torch.tensor([0.0, 10.0, 20.0]).view(1, 1, 1, 3).expand(1, 1, 3, 3)
+    np.testing.assert_allclose(ev.tf1_resize(x, 5)[0, 0, 0].numpy(), [0, 6, 12, 18, 20], atol=1e-5)
+    # Downsampling 4 -> 2 reads pixels 0 and 2 (no antialiasing, no half-pixel offset).
+    y = torch.arange(16.0).view(1, 1, 4, 4)
+    assert torch.equal(ev.tf1_resize(y, 2)[0, 0], torch.tensor([[0.0, 2.0], [8.0, 10.0]]))
+
+
+def test_tf1_resize_matches_its_formula_and_is_the_identity_at_the_same_size():
+    x = torch.rand(2, 3, 5, 7) * 255
+    out = ev.tf1_resize(x, 4)
+    want = np.zeros((2, 3, 4, 4))
+    for i in range(4):
+        for j in range(4):
+            sy, sx = i * np.float32(5 / 4), j * np.float32(7 / 4)
+            y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+            y1, x1, fy, fx = min(y0 + 1, 4), min(x0 + 1, 6), sy - y0, sx - x0
+            top = x[..., y0, x0] * (1 - fx) + x[..., y0, x1] * fx
+            bottom = x[..., y1, x0] * (1 - fx) + x[..., y1, x1] * fx
+            want[..., i, j] = (top * (1 - fy) + bottom * fy).numpy()
+    np.testing.assert_allclose(out.numpy(), want, atol=1e-4)
+    assert torch.equal(ev.tf1_resize(x[..., :5], 5), x[..., :5])
+
+
+def test_quantize_maps_minus_one_to_one_onto_bytes_like_real_images():
+    x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 1.0, 1.2])
+    assert ev.quantize(x).tolist() == [0, 0, 64, 128, 255, 255]
+    real = torch.randint(0, 256, (100,), dtype=torch.uint8)
+    assert torch.equal(ev.quantize(real.float() / 127.5 - 1), real)  # data.py's [-1, 1] round-trips
+
+
+# --- The Inception network -------------------------------------------------------------------------
+
+def test_fid_inception_has_the_layout_of_the_weights_file():
+    lines = [f"{k}\t{list(v.shape)}" for k, v in ev.FIDInception().state_dict().items()
+             if not k.endswith("num_batches_tracked")]
+    assert len(lines) == 472
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == INCEPTION_LAYOUT_SHA256
+    keys = os.path.join(HERE, "..", "shared", "inception_keys.txt")
+    if os.path.exists(keys):  # the full listing, where the checkout has it
+        listed = [ln.split("\t") for ln in open(keys).read().splitlines() if not ln.startswith("#")]
+        assert [f"{k}\t{s.replace(' ', '').replace(',', ', ')}" for k, s, _ in listed] == lines
+
+
+def test_weights_load_strictly_with_and_without_num_batches_tracked(fid_state, fid_net, tmp_path):
+    assert torch.equal(fid_net.Mixed_7c.branch_pool.conv.weight, fid_state["Mixed_7c.branch_pool.conv.weight"])
+    assert not fid_net.training
+    with_nbt = dict(fid_state)
+    for k in [k for k in fid_state if k.endswith("running_var")]:
+        with_nbt[k.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
+    torch.save(with_nbt, tmp_path / "nbt.pth")
+    net = ev.load_inception(str(tmp_path / "nbt.pth"))
+    assert torch.equal(net.fc.weight, fid_state["fc.weight"])
+
+
+def test_weights_with_wrong_keys_or_shapes_are_refused_with_the_first_mismatches(fid_state, tmp_path):
+    bad = dict(fid_state)
+    bad["Mixed_5b.branch1x1.conv.weigth"] = bad.pop("Mixed_5b.branch1x1.conv.weight")
+    bad["fc.weight"] = torch.zeros(1000, 2048)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ev.UserError) as e:
+        ev.load_inception(str(tmp_path / "bad.pth"))
+    msg = str(e.value)
+    assert "3 mismatches" in msg and "missing Mixed_5b.branch1x1.conv.weight" in msg
+    assert "unexpected Mixed_5b.branch1x1.conv.weigth" in msg
+    assert "fc.weight is (1000, 2048), expected (1008, 2048)" in msg
+    (tmp_path / "junk.pth").write_text("not a torch file")
+    with pytest.raises(ev.UserError, match="cannot read Inception weights"):
+        ev.load_inception(str(tmp_path / "junk.pth"))
+
+
+def test_offline_without_weights_says_where_to_put_them(monkeypatch):
+    calls = []
+
+    def offline(url, **kwargs):
+        calls.append(kwargs)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ev.UserError) as e:
+        ev.load_inception()
+    assert calls[0]["check_hash"] and calls[0]["weights_only"]  # the hash in the file name is checked
+    msg = str(e.value)
+    assert "\n" not in msg and ev.FID_WEIGHTS_URL in msg and "--inception-weights" in msg
+    assert os.path.join("checkpoints", "pt_inception-2015-12-05-6726825d.pth") in msg
+
+
+def test_inception_outputs_shapes_logits_and_batch_size_independence(fid_net):
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    pool, logits = ev.inception_outputs(fid_net, [images], 3, "cpu", progress=False)
+    assert pool.shape == (3, 2048) and logits.shape == (3, 1008) and pool.dtype == torch.float32
+    assert torch.allclose(logits, pool @ fid_net.fc.weight.T)  # no bias
+    assert pool.std() > 0.01  # the random weights give non-trivial features
+    pool2, logits2 = ev.inception_outputs(fid_net, [images[:1], images[1:]], 3, "cpu", progress=False)
+    assert (pool2 - pool).abs().max() < 1e-6 and (logits2 - logits).abs().max() < 1e-5
+
+
+# --- Statistics files ------------------------------------------------------------------------------
+
+def test_stats_files_round_trip_and_bad_files_give_clear_errors(tmp_path):
+    mu, sigma = np.random.rand(2048), random_spd(2048, 0, rank=4)
+    np.savez(tmp_path / "ok.npz", mu=mu, sigma=sigma)
+    mu2, sigma2 = ev.load_stats(str(tmp_path / "ok.npz"))
+    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    np.savez(tmp_path / "keys.npz", m=mu, s=sigma)
+    np.savez(tmp_path / "dim.npz", mu=mu[:64], sigma=sigma[:64, :64])
+    np.save(tmp_path / "one.npy", mu)
+    for name, match in [("keys.npz", "need arrays mu and sigma, found m, s"), ("dim.npz", r"mu \(64,\)"),
+                        ("one.npy", "need arrays mu and sigma"), ("missing.npz", "cannot read")]:
+        with pytest.raises(ev.UserError, match=match):
+            ev.load_stats(str(tmp_path / name))
+
+
+# --- Generator, pictures and the command line ------------------------------------------------------
+
+def test_load_generator_picks_ema_weights_when_present(ckpt):
+    G, cfg = ev.load_generator(ckpt)
+    assert cfg.size == 32 and not G.training and G.attention_layers[0].gamma.item() == 0.5
+    G_raw, _ = ev.load_generator(ckpt, ema=False)
+    assert G_raw.attention_layers[0].gamma.item() == 0.0
+
+
+def test_attention_figure_and_raw_maps(ckpt, tmp_path):
+    out = tmp_path / "fig" / "attn.png"
+    out.parent.mkdir()
+    assert ev.main(["--ckpt", ckpt, "--attention", str(out), "--k", "2", "--points", "1,2;30,31"]) == 0
+    with Image.open(out) as im:
+        assert im.size[0] > im.size[1] > 256  # a row per image, 3 panels of 256 px per row
+    raw = np.load(tmp_path / "fig" / "attn.npz")
+    beta, maps = raw["beta"], raw["maps"]
+    assert beta.shape == (2, 16 * 16, 8 * 8)  # queries on G's 16x16 map, keys pooled to 8x8
+    np.testing.assert_allclose(beta.sum(-1), 1.0, atol=1e-5)
+    assert maps.shape == (2, 2, 8, 8) and raw["images"].shape == (2, 3, 32, 32)
+    np.testing.assert_allclose(maps.sum((2, 3)), 1.0, atol=1e-5)
+    # Pixel (x, y) = (30, 31) of the 32x32 image is query (15, 15) of the 16x16 map, index 255;
+    # pixel (1, 2) is query (0, 1), index 16.
+    assert np.array_equal(maps[:, 1].reshape(2, -1), beta[:, 255])
+    assert np.array_equal(maps[:, 0].reshape(2, -1), beta[:, 16])
+
+
+def test_grid_has_a_row_per_class(ckpt, tmp_path):
+    assert ev.main(["--ckpt", ckpt, "--grid", str(tmp_path / "grid.png"), "--classes", "0,2", "--k", "3"]) == 0
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # save_image pads 2 px
+
+
+def test_metrics_end_to_end_cli_and_api_agree(ckpt, fid_weights, tmp_path, capsys):
+    # 4 images and 2 IS splits keep this fast; the published protocol is 50k images and 10 splits.
+    images = np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "real.npy", images)
+    ref = str(tmp_path / "ref.npz")
+    assert ev.main(["--make-ref-stats", ref, "--images", str(tmp_path / "real.npy"), "--inception-weights", fid_weights,
+                    "--batch-size", "3"]) == 0
+    assert "warning: 4 images for 2048-d features" in capsys.readouterr().err
+    # The same images as PNG files: the same statistics, so FID 0.
+    (tmp_path / "pngs").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "pngs" / f"{i}.png")
+    out = str(tmp_path / "folder.json")
+    assert ev.main(["--images", str(tmp_path / "pngs"), "--ref-stats", ref, "--inception-weights", fid_weights,
+                    "--splits", "2", "--out", out]) == 0
+    folder = json.load(open(out))
+    assert abs(folder["FID"]) < 1e-6 and folder["n"] == 4 and folder["IS"] >= 1.0
+    out = str(tmp_path / "metrics.json")
+    assert ev.main(["--ckpt", ckpt, "--n", "4", "--ref-stats", ref, "--inception-weights", fid_weights,
+                    "--batch-size", "3", "--splits", "2", "--out", out]) == 0
+    cli = json.load(open(out))
+    assert cli["weights"] == "G_ema" and cli["step"] == 7 and cli["FID"] > 0 and "IS" in capsys.readouterr().out
+    # train.py's entry point gives the same numbers and leaves G in training mode.
+    G, _ = ev.load_generator(ckpt)
+    with pytest.warns(UserWarning, match="singular"):
+        api = ev.compute_metrics(G.train(), ev.load_inception(fid_weights), 4, ref, batch_size=3, splits=2,
+                                 progress=False)
+    assert G.training and api == {k: cli[k] for k in ("IS", "IS_std", "FID")}
+
+
+def test_reference_statistics_of_a_data_source(fid_weights, tmp_path, capsys):
+    out = tmp_path / "stats" / "synthetic.npz"
+    out.parent.mkdir()
+    argv = ["--make-ref-stats", str(out), "--data", "synthetic", "--size", "32", "--n", "3",
+            "--inception-weights", fid_weights]
+    assert ev.main(argv) == 0
+    mu, sigma = ev.load_stats(str(out))
+    assert np.isfinite(sigma).all() and np.allclose(sigma, sigma.T) and mu.min() >= 0  # pool3 follows a ReLU
+    assert "3/3" in capsys.readouterr().err  # progress
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty").mkdir()
+    np.save(d / "float.npy", np.zeros((4, 8, 8, 3), np.float32))
+    np.save(d / "ten.npy", np.zeros((10, 8, 8, 3), np.uint8))
+    np.savez(d / "nokeys.npz", m=np.zeros(2048))
+    np.savez(d / "dim.npz", mu=np.zeros(64), sigma=np.eye(64))
+    (d / "junk.pt").write_text("junk")
+    make_checkpoint(d / "noattn.pt", attn=())
+    return d
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give one source of images"),
+    (["--ckpt", "{d}/missing.pt"], "does not exist"),
+    (["--ckpt", "{d}/junk.pt"], "not a readable sagan checkpoint"),
+    (["--ckpt", "{ckpt}", "--ref-stats", "{d}/missing.npz"], "cannot read statistics file"),
+    (["--ckpt", "{ckpt}", "--ref-stats", "{d}/nokeys.npz"], "need arrays mu and sigma"),
+    (["--ckpt", "{ckpt}", "--ref-stats", "{d}/dim.npz"], "should be (2048,)"),
+    (["--ckpt", "{ckpt}", "--n", "0"], "--n must be at least 1"),
+    (["--ckpt", "{ckpt}", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--ckpt", "{ckpt}", "--n", "5"], "needs at least --splits 10 images, got 5"),
+    (["--ckpt", "{ckpt}", "--device", "tpu"], "--device tpu"),
+    (["--ckpt", "{ckpt}", "--inception-weights", "{d}/missing.pth"], "cannot read Inception weights"),
+    (["--ckpt", "{ckpt}", "--inception-weights", "{d}/junk.pt"], "cannot read Inception weights"),
+    (["--ckpt", "{ckpt}", "--images", "{d}/empty"], "give one source of images"),
+    (["--ckpt", "{ckpt}", "--attention", "{d}/a.png", "--points", "1,2;3"], "pairs x,y"),
+    (["--ckpt", "{ckpt}", "--attention", "{d}/a.png", "--points", "32,1"], "integers from 0 to 31"),
+    (["--ckpt", "{ckpt}", "--grid", "{d}/g.png", "--classes", "3"], "integers from 0 to 2"),
+    (["--ckpt", "{ckpt}", "--grid", "{d}/g.png", "--classes", "a,b"], "--classes"),
+    (["--ckpt", "{d}/noattn.pt", "--attention", "{d}/a.png"], "no attention layer"),
+    (["--images", "{d}/empty"], "no images"),
+    (["--images", "{d}/missing.npy"], "cannot read"),
+    (["--images", "{d}/float.npy"], "must hold uint8 images"),
+    (["--images", "{d}/ten.npy", "--splits", "20"], "needs at least --splits 20 images, got 10"),
+    (["--images", "{d}/empty", "--grid", "{d}/g.png"], "give --ckpt"),
+    (["--data", "mnist", "--make-ref-stats", "{d}/s.npz"], "not a folder, a .npy file or a data source"),
+    (["--data", "imagenet", "--make-ref-stats", "{d}/s.npz"], "data root"),
+])
+def test_user_errors_print_one_line_and_exit_2(args, message, bad_inputs, ckpt, capsys):
+    argv = [a.format(d=bad_inputs, ckpt=ckpt) for a in args]
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--ckpt", str(tmp_path / "no.pt")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: kills, signals, divergence, full disks, unsafe files
+# ---------------------------------------------------------------------------------------------
+
+
+
+def start_training(out, *extra):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+
+
+def wait_for_new(path, proc, timeout=90):
+    """Wait until `proc` has written `path` (a new file, or a newer one)."""
+    t, before = time.time(), os.path.getmtime(path) if os.path.exists(path) else 0
+    while not os.path.exists(path) or os.path.getmtime(path) == before:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t < timeout
+        time.sleep(0.02)
+
+
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path):
+    """A checkpoint every step, so most kills land during or next to a write."""
+    rng = pyrandom.Random(0)
+    ckpt, steps_seen = tmp_path / "ckpt.pt", []
+    for attempt in range(4):
+        extra = ["--steps", "1000", "--ckpt-every", "1"] + (["--resume"] if attempt else [])
+        proc = start_training(tmp_path, *extra)
+        wait_for_new(ckpt, proc)
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()  # SIGKILL: no handler runs, no cleanup
+        proc.communicate()
+        steps_seen.append(train.load_checkpoint(str(ckpt))["step"])
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] > steps_seen[0]  # resumed, went on
+    assert train.main(TINY + ["--resume", "--out", tmp_path, "--steps", steps_seen[-1] + 2]) == 0
+    assert train.load_checkpoint(str(ckpt))["step"] == steps_seen[-1] + 2
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # stale temp files cleaned
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+    proc = start_training(tmp_path, "--steps", "100000", "--log-every", "1")
+    while "step 2/" not in proc.stdout.readline():
+        assert proc.poll() is None
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "checkpoint saved" in out and "Traceback" not in err
+    step = train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
+    assert 2 <= step < 100000 and f"at step {step}" in out
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """A full disk during a write: the old checkpoint stays, a warning says so, training goes on."""
+    assert train.main(TINY + ["--steps", "2", "--ckpt-every", "2", "--out", tmp_path]) == 0
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    code = train.main(["--resume", "--out", tmp_path, "--steps", "5", "--ckpt-every", "1"])
+    assert code == 2  # the final checkpoint could not be written: not a silent success
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "intact" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("where", ["loss", "weight"])
+def test_divergence_stops_with_the_step_and_the_quantity(tmp_path, monkeypatch, capsys, where):
+    assert train.main(TINY + ["--steps", "3", "--ckpt-every", "3", "--out", tmp_path]) == 0
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    real_iteration = train.GAN.iteration
+
+    def poisoned(self, batches):
+        stats = real_iteration(self, batches)
+        if where == "loss":
+            return torch.cat([stats[:2], torch.tensor([float("nan")]), stats[3:]])
+        with torch.no_grad():
+            self.G.conv_out.parametrizations.weight.original.fill_(float("inf"))
+        return stats
+    monkeypatch.setattr(train.GAN, "iteration", poisoned)
+    code = train.main(["--resume", "--out", tmp_path, "--steps", "6", "--ckpt-every", "1"])
+    assert code == 3
+    err = capsys.readouterr().err
+    expected = "loss_g is nan at step 4" if where == "loss" else "G.conv_out.parametrizations.weight.original"
+    assert expected in err and "last good checkpoint" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert train.main(TINY + ["--steps", "1", "--out", tmp_path / "file" / "run"]) == 2
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_resume_with_another_model_names_the_conflict(tmp_path, capsys):
+    assert train.main(TINY + ["--steps", "1", "--out", tmp_path]) == 0
+    assert train.main(["--resume", "--out", tmp_path, "--ch", "16", "--attn", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "ch (checkpoint: 8, now: 16)" in err and "attn" in err
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    """torch.load(weights_only=True) never runs a pickle's code; a test that would notice if it did."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    import pickle
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": "sagan-checkpoint", "version": 1, "G": Exploit()}, f)
+    with pytest.raises(train.UserError, match="unsafe"):
+        train.load_checkpoint(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+
+
+def test_eval_every_logs_is_and_fid_during_training(fid_weights, tmp_path):
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    assert train.main(TINY + ["--steps", "2", "--eval-every", "2", "--eval-n", "10", "--out", tmp_path / "run",
+                              "--inception-weights", fid_weights, "--ref-stats", tmp_path / "stats.npz"]) == 0
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    metrics = [l for l in lines if "IS" in l]
+    assert len(metrics) == 1 and metrics[0]["step"] == 2
+    assert metrics[0]["IS"] >= 1.0 and metrics[0]["FID"] > 0
+
+
+def test_eval_every_without_inception_weights_warns_once_and_trains(tmp_path, capsys):
+    assert train.main(TINY + ["--steps", "4", "--eval-every", "2", "--eval-n", "10", "--out", tmp_path,
+                              "--inception-weights", tmp_path / "missing.pth"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: no IS/FID during training") == 1
+    assert not [l for l in open(tmp_path / "log.jsonl") if '"IS"' in l]

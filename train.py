@@ -21,7 +21,9 @@ A run folder holds config.json, log.jsonl (one line per --log-every steps), samp
 import argparse
 import copy
 import dataclasses
+import functools
 import glob
+import itertools
 import json
 import os
 import random
@@ -102,17 +104,19 @@ class TrainConfig:
     bench_iters: int = 10
     bench_rounds: int = opt(1, "repeat the variants, interleaved; the median is reported")
     bench_variants: str = opt("", "comma list of fp32,channels_last,bf16,compile,explicit_attn for a side-by-side table")
+    bench_attention: str = opt("", "B,C,H,W: time one attention block's forward + backward, fused vs explicit")
 
 
 # Presets by data source; every flag given on the command line wins over them.
+CPUS = os.cpu_count() or 1
 PRESETS = {
     # Small enough to finish on a 2-core CPU in under 10 minutes with class-recognisable samples.
     "synthetic": dict(size=32, ch=16, batch_size=32, steps=1200, log_every=50, sample_every=200, ckpt_every=200),
-    "cifar10": dict(size=32, ch=64, batch_size=64, steps=100_000, workers=4),
+    "cifar10": dict(size=32, ch=64, batch_size=64, steps=100_000, workers=min(4, CPUS)),
     # The paper's ImageNet recipe (Sec. 5): batch 256, ch 64, attention at 64x64, about 1M steps.
-    "imagenet": dict(size=128, ch=64, batch_size=256, steps=1_000_000, workers=8, ckpt_every=2000),
-    "folder": dict(size=64, ch=64, batch_size=64, steps=100_000, workers=4),
-    "prepared": dict(size=128, ch=64, batch_size=256, steps=1_000_000, workers=2, ckpt_every=2000),
+    "imagenet": dict(size=128, ch=64, batch_size=256, steps=1_000_000, workers=min(8, CPUS), ckpt_every=2000),
+    "folder": dict(size=64, ch=64, batch_size=64, steps=100_000, workers=min(4, CPUS)),
+    "prepared": dict(size=128, ch=64, batch_size=256, steps=1_000_000, workers=min(2, CPUS), ckpt_every=2000),
 }
 ATTN_BY_SIZE = {32: "16", 64: "32", 128: "64", 256: "64"}
 
@@ -149,7 +153,7 @@ def check_config(cfg, world=1):
     if cfg.attn == "auto":
         cfg.attn = ATTN_BY_SIZE[cfg.size]
     at_least = {1: ("batch_size", "steps", "d_steps", "accum", "ch", "z_dim", "log_every", "sample_every",
-                    "ckpt_every", "bench_iters", "bench_rounds", "eval_n"), 0: ("workers", "eval_every", "ema_start")}
+                    "ckpt_every", "bench_iters", "bench_rounds"), 10: ("eval_n",), 0: ("workers", "eval_every", "ema_start")}
     for low, names in at_least.items():
         for name in names:
             if getattr(cfg, name) < low:
@@ -413,12 +417,17 @@ class GAN:
 LOGGED = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake")
 
 
-def device_batches(loader, device, memory_format, flip):
-    """Endless (x, y) on the device. Flips are drawn here from torch's RNG, not in loader
-    workers, so that a resumed run flips exactly the images an uninterrupted one would."""
+def device_batches(dataset, cfg, start, device, memory_format, rank=0, world=1):
+    """Endless (x, y) micro-batches on the device, from batch number `start` on. Flips are drawn
+    here from torch's RNG, not in loader workers, so a resumed run flips the same images."""
+    sampler = EndlessBatches(len(dataset), cfg.batch_size // (world * cfg.accum), cfg.seed, start, rank, world)
+    # The loader's own generator seeds its workers, leaving the global RNG streams untouched.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     for x, y in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        if flip:
+        if cfg.flip:
             mask = torch.rand(x.shape[0], device=device) < 0.5
             x = torch.where(mask[:, None, None, None], x.flip(3), x)
         yield x, y.to(device, non_blocking=True)
@@ -492,11 +501,7 @@ def train(cfg, given=frozenset()):
     if ckpt is not None:
         gan.load(ckpt)
         start = ckpt["step"]
-    per_process = cfg.batch_size // (world * cfg.accum)
-    sampler = EndlessBatches(len(dataset), per_process, cfg.seed, start * cfg.d_steps * cfg.accum, rank, world)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
-                                         pin_memory=cuda, generator=torch.Generator().manual_seed(cfg.seed))
-    batches = device_batches(loader, device, gan.memory_format, cfg.flip)
+    batches = device_batches(dataset, cfg, start * cfg.d_steps * cfg.accum, device, gan.memory_format, rank, world)
     if ckpt is not None:  # after the loader has drawn its seeds, so the streams continue exactly
         if world == 1:
             set_rng_state(ckpt["rng"])
@@ -525,6 +530,7 @@ def train(cfg, given=frozenset()):
             return False
         return True
 
+    evaluator = make_evaluator(cfg, device) if cfg.eval_every and main_process else None
     stop = []
     handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)} if main_process or world == 1 else {}
@@ -561,8 +567,11 @@ def train(cfg, given=frozenset()):
             if main_process and (done % cfg.sample_every == 0 or done == cfg.steps):
                 G_show = gan.G_ema if gan.G_ema is not None else gan.G
                 save_samples(G_show, mcfg, cfg.seed, os.path.join(cfg.out, "samples", f"step_{done:07d}.png"), device)
-            if main_process and cfg.eval_every and done % cfg.eval_every == 0:
-                run_eval(cfg, gan, mcfg, device, done, log_path)
+            if evaluator is not None and done % cfg.eval_every == 0:
+                metrics = evaluator(gan.G_ema if gan.G_ema is not None else gan.G)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": done, **metrics}) + "\n")
+                print(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
             if main_process and (done % cfg.ckpt_every == 0 or done == cfg.steps or stop):
                 if not save(done) and (done == cfg.steps or stop):
                     raise UserError(f"the final checkpoint could not be written to {ckpt_path}")
@@ -581,25 +590,21 @@ def train(cfg, given=frozenset()):
             dist.destroy_process_group()
 
 
-_inception = {}
-
-
-def run_eval(cfg, gan, mcfg, device, step, log_path):
-    """IS and FID through evaluate.py; without Inception weights: one warning, no metrics."""
-    import evaluate
-    if "net" not in _inception:
-        try:
-            _inception["net"] = evaluate.load_inception(cfg.inception_weights or None, device)
-        except evaluate.UserError as e:
-            print(f"warning: no IS/FID during training: {e}", file=sys.stderr)
-            _inception["net"] = None
-    if _inception["net"] is None:
-        return
-    G = gan.G_ema if gan.G_ema is not None else gan.G
-    metrics = evaluate.compute_metrics(G, _inception["net"], cfg.eval_n, cfg.ref_stats or None, device=device)
-    with open(log_path, "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+def make_evaluator(cfg, device):
+    """IS (and FID with --ref-stats) through evaluate.py, for --eval-every: a function of G, or
+    None, with one warning, when the Inception weights cannot be had. A bad statistics file is
+    an error before training starts, not after hours."""
+    import evaluate  # here, not at the top: evaluate.py imports this module
+    try:
+        ref = evaluate.load_stats(cfg.ref_stats) if cfg.ref_stats else None
+    except evaluate.UserError as e:
+        raise UserError(str(e)) from None
+    try:
+        inception = evaluate.load_inception(cfg.inception_weights or None, device)
+    except evaluate.UserError as e:
+        print(f"warning: no IS/FID during training: {e}", file=sys.stderr)
+        return None
+    return lambda G: evaluate.compute_metrics(G, inception, cfg.eval_n, ref, device=device, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,6 +617,8 @@ VARIANTS = {  # amp (bf16 autocast), channels_last, compile, fused attention
     "channels_last": (False, True, False, True),
     "bf16": (True, True, False, True),
     "compile": (True, True, True, True),
+    "loader": None,  # the real data loader alone (--data, --workers): can it keep up?
+    "real_data": None,  # the device's default variant, fed by the real data loader
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
 
@@ -647,6 +654,10 @@ class PeakRSS:
         self.extra = self.peak - self.base
 
 
+def next_batch_sum(batches):
+    return next(batches)[0].sum()  # something to wait for, as an iteration's stats
+
+
 def benchmark(cfg, variants=None):
     """Time cfg.bench_iters iterations per variant, rounds interleaved; returns one row each."""
     device, _, _ = setup_processes(cfg)
@@ -662,51 +673,91 @@ def benchmark(cfg, variants=None):
     B = cfg.batch_size // cfg.accum
     x = torch.rand(B, 3, cfg.size, cfg.size, device=device) * 2 - 1
     y = torch.randint(0, max(n_classes, 1), (B,), device=device)
+    dataset = None
+    if {"loader", "real_data"} & set(variants):
+        from data import make_dataset
+        dataset = make_dataset(cfg.data, cfg.data_root or None, cfg.size)
     flops, times, peaks = None, {v: [] for v in variants}, {v: [] for v in variants}
     for _ in range(cfg.bench_rounds):
         for name in variants:
-            amp, channels_last, compiled, fused = VARIANTS[name]
+            amp, channels_last, compiled, fused = VARIANTS[name] or VARIANTS[default]
             vcfg = dataclasses.replace(cfg, compile=compiled)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             with PeakRSS() as rss:
                 gan = GAN(vcfg, mcfg, device, amp=amp, channels_last=channels_last, fused_attention=fused)
-                batch = (x.contiguous(memory_format=gan.memory_format), y)
-                batches = iter(lambda: batch, None)
+                batches = device_batches(dataset, cfg, 0, device, gan.memory_format) if VARIANTS[name] is None \
+                    else itertools.repeat((x.contiguous(memory_format=gan.memory_format), y))
+                step = functools.partial(next_batch_sum if name == "loader" else gan.iteration, batches)
                 for _ in range(2 if not compiled else 3):  # warm-up (compilation, allocator, kernels)
-                    gan.iteration(batches)
-                if flops is None:
+                    step()
+                if flops is None and name != "loader":
                     from torch.utils.flop_counter import FlopCounterMode
                     with FlopCounterMode(display=False) as counter:
-                        gan.iteration(batches)
+                        step()
                     flops = counter.get_total_flops()
                 if cuda:
                     torch.cuda.synchronize()
                 t = time.perf_counter()
                 for _ in range(cfg.bench_iters):
-                    stats = gan.iteration(batches)
-                stats.tolist()  # waits for the device
+                    out = step()
+                out.tolist()  # waits for the device
                 times[name].append((time.perf_counter() - t) / cfg.bench_iters)
             peaks[name].append(torch.cuda.max_memory_allocated() if cuda else rss.extra)
-            del gan, batch, batches
+            del gan, batches, step
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
     rows = []
     for name in variants:
         sec = sorted(times[name])[len(times[name]) // 2]
-        tflops = flops / sec / 1e12
+        tflops = flops / sec / 1e12 if flops and name != "loader" else 0.0
         rows.append(dict(variant=name, ms_per_iter=sec * 1000, images_per_s=cfg.batch_size / sec,
                          peak_mb=max(peaks[name]) / 2**20, tflops=tflops,
                          mfu=tflops / peak_tflops if peak_tflops else None))
     where = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"benchmark: size {cfg.size}, ch {cfg.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {cfg.attn}, "
           f"{where}, {cfg.bench_iters} iterations x {cfg.bench_rounds} rounds, "
-          f"{flops / 1e12:.3f} TFLOP per iteration; peak memory is {'CUDA max allocated' if cuda else 'RSS growth'}")
+          f"{(flops or 0) / 1e12:.3f} TFLOP per iteration; peak memory is {'CUDA max allocated' if cuda else 'RSS growth'}")
     print(f"{'variant':<14} {'ms/iter':>9} {'images/s':>9} {'peak MB':>9} {'TFLOP/s':>8} {'MFU':>6}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"{r['variant']:<14} {r['ms_per_iter']:9.1f} {r['images_per_s']:9.1f} {r['peak_mb']:9.0f} {r['tflops']:8.3f} {mfu:>6}")
     return rows
+
+
+def benchmark_attention(cfg):
+    """Forward + backward of one SelfAttention block, fused and explicit, rounds interleaved."""
+    device, _, _ = setup_processes(cfg)
+    try:
+        B, C, H, W = (int(v) for v in cfg.bench_attention.split(","))
+    except ValueError:
+        raise UserError(f"--bench-attention takes B,C,H,W, got {cfg.bench_attention}") from None
+    from sagan import SelfAttention
+    attn = SelfAttention(C, pooled=cfg.pooled).to(device)
+    attn.gamma.data.fill_(0.5)
+    x = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    times, extra = {True: [], False: []}, {True: [], False: []}
+    for _ in range(cfg.bench_rounds):
+        for fused in (True, False):
+            attn.fused = fused
+            attn(x).sum().backward()  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            with PeakRSS() as rss:
+                t = time.perf_counter()
+                for _ in range(cfg.bench_iters):
+                    attn(x).sum().backward()
+                x.grad.sum().item()  # waits for the device
+                times[fused].append((time.perf_counter() - t) / cfg.bench_iters)
+            extra[fused].append(torch.cuda.max_memory_allocated() - base if device.type == "cuda" else rss.extra)
+    print(f"attention block, (B, C, H, W) = ({B}, {C}, {H}, {W}), pooled={cfg.pooled}, {device}, "
+          f"forward + backward, median of {cfg.bench_rounds} rounds x {cfg.bench_iters} iterations")
+    for fused in (True, False):
+        ms, mb = sorted(times[fused])[cfg.bench_rounds // 2] * 1000, max(extra[fused]) / 2**20
+        print(f"{'fused' if fused else 'explicit':<9} {ms:9.1f} ms   +{mb:7.0f} MB")
+    return times, extra
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,7 +768,9 @@ def main(argv=None):
     from data import DataError
     try:
         cfg, given = parse_config(argv)
-        if cfg.benchmark:
+        if cfg.benchmark and cfg.bench_attention:
+            benchmark_attention(cfg)
+        elif cfg.benchmark:
             benchmark(cfg, [v for v in cfg.bench_variants.split(",") if v])
         else:
             train(cfg, given)

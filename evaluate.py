@@ -1,0 +1,598 @@
+"""Inception Score and FID as the TensorFlow reference computes them, and the paper's Figure 5.
+
+    python evaluate.py --ckpt runs/x/ckpt.pt --n 50000 --ref-stats train.npz --out metrics.json
+    python evaluate.py --make-ref-stats train.npz --data imagenet --data-root DIR --size 128
+    python evaluate.py --ckpt runs/x/ckpt.pt --attention attn.png  # Figure 5: where G looks
+    python evaluate.py --ckpt runs/x/ckpt.pt --grid grid.png --classes 1,207,980
+
+Reference protocol (the one behind published IS and FID; SAGAN_NOTES section 6)
+    Network  the 2015-12-05 TensorFlow Inception graph as ported by pytorch-fid (weights file
+             pt_inception-2015-12-05-6726825d.pth, hash-checked on download). Not torchvision's
+             ImageNet Inception, a different network (CIFAR-10 IS ~9.5 with it instead of ~11.2).
+    Input    uint8 images, generated ones quantised like real ones, round((x + 1) * 127.5);
+             TF 1.x bilinear resize to 299x299; (x - 128) / 128; fp32 with TF32 off.
+    IS       improved-gan's definition on the 1008 logits pool3 @ fc.weight^T (no bias), float64;
+             samples shuffled by numpy's RandomState(2020) as torch-fidelity does; 10 splits;
+             mean and population std over the splits.
+    FID      2048-d pool3 features; float64 mean and unbiased covariance;
+             |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2).
+    Samples  50k generated images, labels uniform over the classes, against statistics of the
+             training set (say which). FID is biased in N: compare numbers only at equal N.
+
+Differences from the reference code
+    1. tr sqrt(S1 S2) comes from the eigenvalues of a symmetric matrix similar to S1 S2, not
+       from scipy's sqrtm (frechet_distance): the same value to ~1e-12 relative, ~10x faster.
+    2. pytorch-fid resizes with torch's bilinear interpolate (its FID is ~0.1 % off TF's); we
+       reproduce TF 1.x's resize, so numbers compare with the papers'.
+    3. Figure 5 is drawn our way, as the paper does not say how (attention_figure).
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+from torchvision.utils import make_grid, save_image
+
+from sagan import Generator, ModelConfig
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names: printed as one line, exit code 2."""
+
+
+def _first_line(e, limit=200):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
+# --- Input: quantise like real images, TF 1.x bilinear resize ---------------------------------
+
+def quantize(x):
+    """Generator output in [-1, 1] -> uint8, exactly how real images are stored."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _tf1_taps(n_in, n_out, device):
+    """TF 1.x resize_bilinear along one axis (align_corners=False, legacy mode): output i reads
+    source coordinate i * in/out in float32 (no half-pixel offset), between its floor and the
+    next pixel, the latter clamped to the border."""
+    scale = torch.tensor(n_in, dtype=torch.float32, device=device) / n_out  # in float32, as TF
+    src = torch.arange(n_out, dtype=torch.float32, device=device) * scale
+    lo = src.floor().long()
+    return lo, (lo + 1).clamp(max=n_in - 1), src - lo
+
+
+def tf1_resize(x, size):
+    """TensorFlow 1.x bilinear resize, x (B, C, H, W) float -> (B, C, size, size); no antialiasing.
+    TF interpolates along x in the top and the bottom row, then between the rows; the same order
+    of operations gives the same float32 values."""
+    ly, hy, fy = _tf1_taps(x.shape[-2], size, x.device)
+    lx, hx, fx = _tf1_taps(x.shape[-1], size, x.device)
+    rows = x[..., lx] + (x[..., hx] - x[..., lx]) * fx  # (B, C, H, size)
+    return rows[..., ly, :] + (rows[..., hy, :] - rows[..., ly, :]) * fy[:, None]  # (B, C, size, size)
+
+
+# --- The FID Inception network: torchvision's Inception v3 blocks, the TF graph's pooling ----
+# torchvision's BasicConv2d (conv without bias, BN eps 1e-3, ReLU) and reduction blocks (Mixed_6a,
+# 7a) match the TF graph. Its other blocks average with the zero padding counted; the TF graph
+# averages over the pixels inside the image only, and its last block max-pools.
+
+def avg_pool_valid(x):
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class MixedA(InceptionA):
+    """Mixed_5b-5d at 35x35: 1x1, 5x5, double 3x3 and pool branches."""
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool_valid(x))], 1)
+
+
+class MixedC(InceptionC):
+    """Mixed_6b-6e at 17x17: 7x7 convolutions factorised into 1x7 and 7x1."""
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d7 = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        d7 = self.branch7x7dbl_5(self.branch7x7dbl_4(d7))
+        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(avg_pool_valid(x))], 1)
+
+
+class MixedE(InceptionE):
+    """Mixed_7b, 7c at 8x8: 3x3 convolutions split into parallel 1x3 and 3x1 halves."""
+
+    def __init__(self, c_in, max_pool):
+        super().__init__(c_in)
+        self.max_pool = max_pool  # Mixed_7c
+
+    def forward(self, x):
+        b3, d3 = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_valid(x)
+        return torch.cat([self.branch1x1(x),  # 320
+                          self.branch3x3_2a(b3), self.branch3x3_2b(b3),  # 768
+                          self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3),  # 768
+                          self.branch_pool(pool)], 1)  # 192 -> (B, 2048, 8, 8)
+
+
+class FIDInception(nn.Module):
+    """images (B, 3, H, W) in [0, 255], uint8 or float -> pool3 (B, 2048), logits (B, 1008).
+    The state-dict keys are those of pytorch-fid's weights file."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = MixedA(192, 32), MixedA(256, 64), MixedA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = MixedC(768, 128), MixedC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = MixedC(768, 160), MixedC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = MixedE(1280, max_pool=False), MixedE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # the 2015 graph's 1008 classes
+
+    def forward(self, images):
+        x = (tf1_resize(images.float(), 299) - 128) / 128  # the graph's ResizeBilinear, Sub and Mul
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
+        x = F.max_pool2d(x, 3, stride=2)  # (B, 64, 73, 73)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (B, 192, 35, 35)
+        x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))  # (B, 768, 17, 17)
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (B, 768, 17, 17)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (B, 2048, 8, 8)
+        pool = x.mean(dim=(2, 3))  # (B, 2048): "pool3", the FID feature
+        return pool, pool @ self.fc.weight.T  # (B, 1008): IS logits, no bias (improved-gan)
+
+
+def load_inception(weights=None, device="cpu"):
+    """The FID Inception network in eval mode, from a file or from pytorch-fid's release through
+    torch.hub's cache (the SHA-256 prefix in the file name is checked on download)."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True) if weights else \
+            torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", check_hash=True, weights_only=True)
+    except Exception as e:  # offline, a hash mismatch, not a torch file, a pickle the safe loader refuses
+        if weights:
+            raise UserError(f"cannot read Inception weights {weights}: {_first_line(e)}") from None
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_URL.split("/")[-1])
+        raise UserError(f"cannot get the FID Inception weights ({_first_line(e, 100)}); download "
+                        f"{FID_WEIGHTS_URL} and pass --inception-weights PATH, or put it at {cache}") from None
+    net = FIDInception()
+    own = net.state_dict()
+    # Copies of the file differ in whether they hold BN's num_batches_tracked (unused in eval).
+    want = {k: v.shape for k, v in own.items() if not k.endswith("num_batches_tracked")}
+    got = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")} if isinstance(state, dict) else {}
+    problems = ([f"missing {k}" for k in want if k not in got] + [f"unexpected {k}" for k in got if k not in want]
+                + [f"{k} is {tuple(getattr(got[k], 'shape', ()))}, expected {tuple(want[k])}"
+                   for k in want if k in got and getattr(got[k], "shape", None) != want[k]])
+    if problems:
+        raise UserError(f"{weights or FID_WEIGHTS_URL} is not the FID Inception state dict (pt_inception-2015-12-05): "
+                        f"{len(problems)} mismatches, first: {'; '.join(problems[:3])}")
+    net.load_state_dict({**own, **got})
+    return net.eval().to(device)
+
+
+@contextmanager
+def exact_fp32(device):
+    """Plain fp32: TF32 (on by default for cuDNN convs) and autocast would change the features."""
+    b = torch.backends  # torch >= 2.9 has per-backend flags, and mixing in the old ones can raise
+    flags = [(b.cudnn.conv, "fp32_precision", "ieee"), (b.cuda.matmul, "fp32_precision", "ieee")] \
+        if hasattr(b.cudnn, "conv") else [(b.cudnn, "allow_tf32", False), (b.cuda.matmul, "allow_tf32", False)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in flags]
+    for obj, name, value in flags:
+        setattr(obj, name, value)
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+@torch.no_grad()
+def inception_outputs(inception, batches, n, device, label="images", progress=True):
+    """Image batches (B, 3, H, W) in [0, 255] -> pool3 (n, 2048), logits (n, 1008), float32 on the
+    CPU. Progress (n/N, images/s, ETA) goes to stderr at most every 2 s and at the end."""
+    device, outputs, done, start, last = torch.device(device), [], 0, time.perf_counter(), 0.0
+    with exact_fp32(device):
+        for images in batches:
+            outputs.append([t.cpu() for t in inception(images.to(device))])
+            done, now = done + len(images), time.perf_counter()
+            if progress and (now - last >= 2.0 or done >= n):
+                last, rate = now, done / (now - start)
+                print(f"{label}: {done}/{n}, {rate:.1f} images/s, ETA {int((n - done) / rate)} s", file=sys.stderr)
+    return torch.cat([p for p, _ in outputs]), torch.cat([lg for _, lg in outputs])
+
+
+# --- The metrics ------------------------------------------------------------------------------
+
+def inception_score(logits_or_probs, splits=10):
+    """Inception Score (Salimans et al. 2016) of (N, classes) predictions -> (mean, std) over splits:
+    exp(E_x KL(p(y|x) || p(y))), p(y) the mean prediction within a split. Rows that are
+    non-negative and sum to 1 are taken as probabilities, anything else as logits."""
+    x = torch.as_tensor(logits_or_probs).double()
+    n = x.shape[0]
+    if x.ndim != 2 or splits < 1 or n < splits:
+        raise UserError(f"the Inception Score needs at least {splits} samples (one per split), got {n}")
+    probs = bool((x >= 0).all()) and torch.allclose(x.sum(1), torch.ones(n, dtype=x.dtype), atol=1e-4)
+    p = x if probs else x.softmax(dim=1)
+    # Class-sorted samples would give each split a few classes only. torch-fidelity's fixed
+    # permutation makes our IS equal to its IS.
+    p = p[torch.from_numpy(np.random.RandomState(2020).permutation(n))]
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]  # (n / splits, classes)
+        py = part.mean(dim=0, keepdim=True)  # p(y) of the split, (1, classes)
+        kl = (torch.xlogy(part, part) - torch.xlogy(part, py)).sum(dim=1)  # 0 log 0 = 0
+        scores.append(kl.mean().exp())
+    scores = torch.stack(scores)
+    return scores.mean().item(), scores.std(correction=0).item()
+
+
+def feature_stats(features):
+    """(mu, sigma): float64 mean and unbiased covariance of (N, d) features, as numpy arrays.
+    Two passes over chunks, so 50k x 2048 features never exist in float64 at once."""
+    x = torch.as_tensor(features)
+    n, d = x.shape
+    if n < 2:
+        raise UserError(f"FID statistics need at least 2 images, got {n}")
+    if n < d:
+        warnings.warn(f"{n} images for {d}-d features: the covariance is singular and FID strongly "
+                      f"biased; use 10k images at least, 50k as published", stacklevel=2)
+    mu = sum(c.double().sum(0) for c in x.split(4096)) / n  # (d,)
+    sigma = sum((c.double() - mu).T @ (c.double() - mu) for c in x.split(4096)) / (n - 1)  # (d, d)
+    return mu.numpy(), sigma.numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), in float64. For any factor S1 = B B^T,
+    S1 S2 = B (B^T S2) is similar to M = B^T S2 B, which is symmetric PSD, so tr sqrt(S1 S2) =
+    sum_i sqrt(lambda_i(M)): the eigenvalues of a symmetric matrix, not a general matrix square root.
+    B is S1's Cholesky factor, or V sqrt(W) from S1 = V W V^T when S1 is singular."""
+    # Eigenvalues below numpy's rank tolerance are round-off (of either sign) of zeros; their square
+    # roots, ~1e-8 each, would add up to errors of ~1e-7 with singular covariances.
+    def significant(w):
+        return torch.where(w > w.max().clamp(min=0) * len(w) * torch.finfo(w.dtype).eps, w, 0.0)
+
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    b, not_pd = torch.linalg.cholesky_ex(sigma1)
+    if not_pd:  # e.g. fewer samples than dimensions
+        w, v = torch.linalg.eigh(sigma1)
+        b = v * significant(w).sqrt()
+    m = b.T @ sigma2 @ b
+    lam = significant(torch.linalg.eigvalsh((m + m.T) / 2))  # symmetrised against round-off
+    diff = mu1 - mu2
+    return (diff @ diff + sigma1.trace() + sigma2.trace() - 2 * lam.sqrt().sum()).item()
+
+
+def load_stats(path, dim=2048):
+    """(mu, sigma) from a statistics .npz (ours, TTUR's or pytorch-fid's), checked."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"cannot read statistics file {path}: {_first_line(e)}") from None
+    found = f.files if isinstance(f, np.lib.npyio.NpzFile) else ["one array (.npy)"]
+    if not {"mu", "sigma"} <= set(found):
+        raise UserError(f"{path} is not an FID statistics file: need arrays mu and sigma, found {', '.join(found)}")
+    mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} should be ({dim},) and ({dim}, {dim}), "
+                        f"statistics of the {dim}-d pool3 Inception features")
+    return mu, sigma
+
+
+# --- Generator samples and their metrics ------------------------------------------------------
+
+def _from_checkpoint(path, device, ema):
+    """(G in eval mode, ModelConfig, "G_ema" or "G", step) from a train.py checkpoint."""
+    import train  # not at the top: train.py imports this module for --eval-every
+    try:
+        ckpt = train.load_checkpoint(path)
+    except train.UserError as e:
+        raise UserError(str(e)) from None
+    cfg, name = ModelConfig(**ckpt["model"]), "G_ema" if ema and ckpt.get("G_ema") is not None else "G"
+    G = Generator(cfg)
+    G.load_state_dict(ckpt[name])
+    return G.eval().to(device), cfg, name, ckpt.get("step")
+
+
+def load_generator(ckpt_path, device="cpu", ema=True):
+    """(generator in eval mode, ModelConfig) from a checkpoint: the EMA weights when ema is set
+    and the run kept them. G(z, y) maps z (B, z_dim) and labels y (B,) to images in [-1, 1]."""
+    return _from_checkpoint(ckpt_path, device, ema)[:2]
+
+
+@torch.no_grad()
+def generated_images(G, n, batch_size, device, seed=0):
+    """Yields uint8 batches (B, 3, S, S) of G's samples: z ~ N(0, I), labels uniform over classes."""
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same samples on every device
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        z = torch.randn(b, G.cfg.z_dim, generator=gen).to(device)
+        y = torch.randint(G.cfg.n_classes, (b,), generator=gen).to(device) if G.cfg.n_classes else None
+        yield quantize(G(z, y))
+
+
+def metrics(pool, logits, ref_stats=None, splits=10):
+    """{"IS", "IS_std"}, and "FID" against ref_stats = (mu, sigma) when given."""
+    is_mean, is_std = inception_score(logits, splits)
+    fid = {} if ref_stats is None else {"FID": frechet_distance(*feature_stats(pool), *ref_stats)}
+    return {"IS": is_mean, "IS_std": is_std, **fid}
+
+
+def compute_metrics(G, inception, n, ref_stats=None, batch_size=50, device="cpu", seed=0, splits=10, progress=True):
+    """IS, and FID given ref_stats (an .npz path or (mu, sigma)), of n samples of G. The seed is
+    fixed so that evaluations during training see the same z; G's train/eval mode is restored."""
+    ref_stats = load_stats(ref_stats) if isinstance(ref_stats, (str, os.PathLike)) else ref_stats
+    was_training = G.training
+    try:
+        pool, logits = inception_outputs(inception, generated_images(G.eval(), n, batch_size, device, seed), n,
+                                         device, "samples", progress)
+    finally:
+        G.train(was_training)
+    return metrics(pool, logits, ref_stats, splits)
+
+
+# --- Real images: a folder, a uint8 .npy or a data.py source ----------------------------------
+
+def _read_images(files):
+    """uint8 (B, 3, H, W) from image files; mixed sizes are resized to 299 here, to make one batch."""
+    import data  # its to_rgb converts 16-bit, palette and transparent images correctly
+    from PIL import Image
+    try:
+        images = [torch.from_numpy(np.array(data.to_rgb(Image.open(f)))).permute(2, 0, 1) for f in files]
+    except OSError as e:
+        raise UserError(f"cannot read image: {_first_line(e)}") from None
+    if len({im.shape for im in images}) > 1:
+        return torch.cat([tf1_resize(im[None].float(), 299) for im in images])
+    return torch.stack(images)
+
+
+def real_images(source, n, batch_size, seed=0, data_root="", size=128):
+    """(count, iterator over uint8 batches (B, 3, H, W)) of at most n images from a folder, a
+    uint8 .npy (N, H, W, 3) or a data.py source name; a seeded random subset when there are more,
+    as sources are often sorted by class."""
+    if source.endswith(".npy"):
+        try:
+            arr = np.load(source, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {source}: {_first_line(e)}") from None
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
+            raise UserError(f"{source} must hold uint8 images (N, H, W, 3), not {arr.dtype} {arr.shape}")
+        total, read = len(arr), lambda idx: torch.from_numpy(np.ascontiguousarray(arr[idx])).permute(0, 3, 1, 2)
+    elif os.path.isdir(source):
+        exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(source) for f in names if f.lower().endswith(exts))
+        if not files:
+            raise UserError(f"no images ({' '.join(exts)}) in {source}")
+        total, read = len(files), lambda idx: _read_images([files[i] for i in idx])
+    else:
+        import data
+        if source not in data.SOURCES:
+            raise UserError(f"{source} is not a folder, a .npy file or a data source ({', '.join(data.SOURCES)})")
+        try:
+            ds = data.make_dataset(source, data_root, size)
+        except data.DataError as e:
+            raise UserError(str(e)) from None
+        total, read = len(ds), lambda idx: quantize(torch.stack([ds[i][0] for i in idx]))  # [-1, 1] to bytes
+    idx = np.arange(total) if n >= total else np.sort(np.random.RandomState(seed).permutation(total)[:n])
+    return len(idx), (read(idx[i:i + batch_size]) for i in range(0, len(idx), batch_size))
+
+
+# --- Pictures: Figure 5 (where G's last attention layer looks) and a class grid ---------------
+
+DOT_COLOURS = torch.tensor([[1.0, 0, 1], [0, 1, 1], [0.2, 1, 0.2], [0.2, 0.4, 1], [1, 1, 1]])  # not red-yellow
+
+
+def heat_colours(a):
+    """A colour map, a (..., H, W) in [0, 1] -> (..., 3, H, W): black, red, yellow."""
+    a = a.clamp(0, 1).unsqueeze(-3)
+    return torch.cat([(2 * a).clamp(max=1), (2 * a - 1).clamp(min=0), torch.zeros_like(a)], dim=-3)
+
+
+def draw_dot(img, x, y, colour, radius):
+    """A filled dot with a black rim at pixel (x, y) of img (3, H, W), in place."""
+    yy, xx = torch.meshgrid(torch.arange(img.shape[1]), torch.arange(img.shape[2]), indexing="ij")
+    d2 = (xx - x) ** 2 + (yy - y) ** 2
+    img[:, d2 <= (radius + 1) ** 2] = 0.0
+    img[:, d2 <= radius ** 2] = colour[:, None]
+
+
+@torch.no_grad()
+def attention_maps(G, z, y, points):
+    """G's samples and, for each query pixel (x, y) in points, the attention of its last attention
+    layer (Figure 5). Returns images (K, 3, S, S) in [-1, 1], beta (K, N, M) and maps (K, P, h, w):
+    beta's rows for the query points on the (pooled) key grid, each summing to 1."""
+    images, betas = G(z, y, return_attention=True)
+    if not betas:
+        raise UserError("this generator has no attention layer (trained with --attn none)")
+    beta = betas[-1]  # (K, N, M), Eq. (1): softmax over the M keys for each of the N queries
+    S = images.shape[-1]
+    side_q, side_k = math.isqrt(beta.shape[1]), math.isqrt(beta.shape[2])  # square feature maps
+    queries = [(py * side_q // S) * side_q + px * side_q // S for px, py in points]  # row-major
+    return images, beta, beta[:, queries].reshape(len(z), len(points), side_k, side_k)
+
+
+def attention_figure(images, maps, points):
+    """Figure 5's layout, a row per sample: the image with a coloured dot per query point, then a
+    panel per point with its attention map as heat over a grey copy of the image. Heat and opacity
+    grow with log(attention / uniform attention): 0 where a key gets 1/M or less (a uniform map
+    shows the plain grey image), 1 where all the attention is on one key. Returns (3, H, W) in [0, 1]."""
+    K, P, S, M = maps.shape[0], maps.shape[1], images.shape[-1], maps.shape[2] * maps.shape[3]
+    f = max(1, 256 // S)  # an integer zoom to panels of 256 px or more
+    img = F.interpolate((images.float().cpu() + 1) / 2, scale_factor=f, mode="nearest").clamp(0, 1)
+    grey = img.mean(dim=1, keepdim=True).expand_as(img)  # (K, 3, fS, fS)
+    heat = F.interpolate(maps.float().cpu(), size=(f * S, f * S), mode="nearest")  # key cells as blocks
+    heat = ((heat * M).log() / math.log(M)).clamp(0, 1)  # (K, P, fS, fS)
+    dots = [(px * f + f // 2, py * f + f // 2, DOT_COLOURS[p % len(DOT_COLOURS)]) for p, (px, py) in enumerate(points)]
+    radius, panels = max(2, f * S // 50), []
+    for k in range(K):
+        panels.append(img[k].clone())
+        for x, y, colour in dots:
+            draw_dot(panels[-1], x, y, colour, radius)
+        for p, (x, y, colour) in enumerate(dots):
+            panels.append(grey[k] * (1 - heat[k, p]) + heat_colours(heat[k, p]) * heat[k, p])
+            draw_dot(panels[-1], x, y, colour, radius)
+    return make_grid(torch.stack(panels), nrow=1 + P, padding=4, pad_value=1.0)
+
+
+@torch.no_grad()
+def class_grid(G, classes, per_class, batch_size=64, device="cpu", seed=0):
+    """Samples (rows * per_class, 3, S, S) in [0, 1], one row per class. Every row uses the same
+    z, so a column shows what the label alone changes. classes=None: per_class unconditional rows."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = len(classes) if classes else per_class
+    z = torch.randn(1 if classes else rows, per_class, G.cfg.z_dim, generator=gen).expand(rows, -1, -1)
+    z, y = z.reshape(-1, G.cfg.z_dim), torch.tensor(classes).repeat_interleave(per_class) if classes else None
+    out = [G(z[i:i + batch_size].to(device), None if y is None else y[i:i + batch_size].to(device)).cpu()
+           for i in range(0, len(z), batch_size)]
+    return (torch.cat(out) + 1) / 2
+
+
+# --- Command line: the dataclass's fields are the flags ---------------------------------------
+
+def _arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = _arg("", "checkpoint written by train.py")
+    n: int = _arg(50_000, "samples (50k: the published protocol); at most this many real images")
+    ref_stats: str = _arg("", "reference statistics .npz (mu, sigma) for FID")
+    ema: bool = _arg(True, "G's EMA weights when the checkpoint has them (--no-ema: the raw G)")
+    batch_size: int = 50
+    device: str = _arg("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = 0
+    splits: int = _arg(10, "IS splits (10, as improved-gan)")
+    out: str = _arg("", "also write the metrics as JSON to this file")
+    inception_weights: str = _arg("", "pt_inception-2015-12-05-6726825d.pth (default: download once)")
+    make_ref_stats: str = _arg("", "write mu and sigma of the images (--data, --images or --ckpt) to this .npz")
+    data: str = _arg("", "a data.py source (synthetic|cifar10|imagenet|folder|prepared): its IS, or its statistics")
+    data_root: str = ""
+    size: int = _arg(128, "image side for --data: the model's")
+    images: str = _arg("", "a folder of images or a uint8 .npy (N, H, W, 3): its IS/FID, or its statistics")
+    attention: str = _arg("", "write Figure 5 (G's last attention layer) to this PNG, the maps to .npz")
+    points: str = _arg("", 'query pixels "x,y;x,y;x,y" for --attention (default: three spread points)')
+    k: int = _arg(4, "images for --attention; samples per class for --grid")
+    grid: str = _arg("", "write a sample grid, a row per class, to this PNG")
+    classes: str = _arg("", 'classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)')
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    for f in fields(EvalConfig):
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kind, **f.metadata)
+    return p
+
+
+def _ints(text, flag, high, pairs=False):
+    values = text.replace(";", ",").split(",")
+    if not all(re.fullmatch(r"\s*\d+\s*", v) and int(v) < high for v in values) or (pairs and len(values) % 2):
+        raise UserError(f"{flag} {text!r}: need {'pairs x,y of ' if pairs else ''}integers from 0 to {high - 1}")
+    return [int(v) for v in values]
+
+
+def _classes(text, n_classes, cap=16):
+    """--classes as a list (None for an unconditional G); by default all, or `cap` spread evenly."""
+    if text and not n_classes:
+        raise UserError("--classes: this generator is unconditional")
+    if text or not n_classes:
+        return _ints(text, "--classes", n_classes) if text else None
+    return list(range(n_classes)) if n_classes <= cap else [round(i * (n_classes - 1) / (cap - 1)) for i in range(cap)]
+
+
+def _write_pictures(cfg, G, mcfg, device):
+    classes = _classes(cfg.classes, mcfg.n_classes)
+    if cfg.attention:
+        # By default three points spread over the image (fractions of its side), not picked by hand.
+        values = _ints(cfg.points, "--points", mcfg.size, pairs=True) if cfg.points else \
+            [int(f * mcfg.size) for f in (0.3, 0.3, 0.7, 0.45, 0.45, 0.75)]
+        points = list(zip(values[::2], values[1::2]))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        z = torch.randn(cfg.k, mcfg.z_dim, generator=gen)
+        y = torch.tensor(classes)[torch.randint(len(classes), (cfg.k,), generator=gen)] if classes else None
+        images, beta, maps = attention_maps(G, z.to(device), None if y is None else y.to(device), points)
+        save_image(attention_figure(images, maps, points), cfg.attention)
+        raw = os.path.splitext(cfg.attention)[0] + ".npz"
+        np.savez(raw, images=quantize(images).cpu().numpy(), beta=beta.float().cpu().numpy(), points=np.array(points),
+                 maps=maps.float().cpu().numpy(), labels=np.array([] if y is None else y.tolist()))
+        print(f"wrote {cfg.attention} and {raw} (beta: images x queries x keys = {tuple(beta.shape)})")
+    if cfg.grid:
+        save_image(class_grid(G, classes, cfg.k, cfg.batch_size, device, cfg.seed), cfg.grid, nrow=cfg.k)
+        print(f"wrote {cfg.grid}")
+
+
+def evaluate(cfg):
+    """Does what an EvalConfig asks; the module docstring lists the modes."""
+    for name in ("n", "batch_size", "k", "splits"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if sum(map(bool, (cfg.ckpt, cfg.images, cfg.data))) != 1:
+        raise UserError("give one source of images: --ckpt RUN/ckpt.pt, --images DIR|FILE.npy or --data SOURCE")
+    if (cfg.attention or cfg.grid) and not cfg.ckpt:
+        raise UserError("--attention and --grid draw samples of a generator: give --ckpt")
+    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and not torch.cuda.is_available()):
+        raise UserError(f"--device {device}: use auto, cpu, or cuda[:N] where CUDA is available")
+    ref = load_stats(cfg.ref_stats) if cfg.ref_stats else None  # fail before the long part
+    result = {"n": cfg.n, "source": cfg.ckpt or cfg.images or cfg.data, "ref_stats": cfg.ref_stats or None}
+    if cfg.ckpt:
+        G, mcfg, weights, step = _from_checkpoint(cfg.ckpt, device, cfg.ema)
+        if cfg.attention or cfg.grid:
+            return _write_pictures(cfg, G, mcfg, device)
+        result.update(step=step, weights=weights, seed=cfg.seed)
+        batches = generated_images(G, cfg.n, cfg.batch_size, device, cfg.seed)
+    else:
+        result["n"], batches = real_images(cfg.images or cfg.data, cfg.n, cfg.batch_size, cfg.seed,
+                                           cfg.data_root, cfg.size)
+    if not cfg.make_ref_stats and result["n"] < cfg.splits:  # found out now, not after the long part
+        raise UserError(f"the Inception Score needs at least --splits {cfg.splits} images, got {result['n']}")
+    inception = load_inception(cfg.inception_weights or None, device)
+    pool, logits = inception_outputs(inception, batches, result["n"], device, "images")
+    if cfg.make_ref_stats:
+        mu, sigma = feature_stats(pool)
+        np.savez(cfg.make_ref_stats, mu=mu, sigma=sigma)  # the TTUR / pytorch-fid format
+        print(f"wrote {cfg.make_ref_stats}: mu and sigma of {result['n']} images of {result['source']}")
+        return
+    result.update(metrics(pool, logits, ref, cfg.splits))
+    fid = f"   FID {result['FID']:.3f}" if "FID" in result else ""
+    print(f"IS {result['IS']:.3f} +- {result['IS_std']:.3f}{fid}   ({result['n']} images)")
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def main(argv=None):
+    cfg = EvalConfig(**vars(build_parser().parse_args(argv)))
+    with warnings.catch_warnings():  # restores the warnings machinery when main() is called in-process
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+        try:
+            evaluate(cfg)
+        except (UserError, OSError) as e:  # OSError: an output file that cannot be written
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
