@@ -624,12 +624,12 @@ def test_folder_of_odd_images_trains_and_reports_skipped_files(tmp_path, capsys)
 
 def test_benchmark_smoke_prints_the_table():
     code, out, err = run_cli("train.py", "--benchmark", "--size", "32", "--ch", "8", "--batch-size", "4",
-                             "--bench-iters", "1", "--bench-variants", "fp32,explicit_attn,channels_last")
+                             "--bench-iters", "1", "--bench-variants", "default,fp32,explicit_attn,channels_last")
     assert code == 0, err
-    for word in ("ms/iter", "images/s", "peak MB", "fp32", "explicit_attn", "channels_last"):
+    for word in ("ms/iter", "images/s", "peak MB", "TFLOP/s", "default", "fp32", "explicit_attn", "channels_last"):
         assert word in out, word
-    rows = [l.split() for l in out.splitlines() if l.split() and l.split()[0] in train.VARIANTS]
-    assert len(rows) == 3 and all(float(r[2]) > 0 for r in rows)
+    rows = [l.split() for l in out.splitlines() if l.split() and l.split()[0] in [*train.VARIANTS, "default"]]
+    assert len(rows) == 4 and all(float(r[2]) > 0 for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------

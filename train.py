@@ -12,7 +12,8 @@ Each iteration: one D step on real and fake images in one concatenated batch (so
 norm runs one power iteration per D step), then one G step with fresh z and labels drawn
 uniformly. Differences from the reference runs, all optional and off in the paper preset unless
 said: an EMA of G's weights (--ema), bf16 autocast on CUDA (on by default there; spectral norm
-and the losses stay fp32; the reference runs were fp32), channels_last on CUDA, torch.compile.
+and the losses stay fp32; the reference runs were fp32), channels_last (on by default),
+torch.compile (--compile).
 
 A run folder holds config.json, log.jsonl (one line per --log-every steps), samples/*.png
 (a fixed z, one row per class) and ckpt.pt (written atomically: temp file, fsync, rename).
@@ -89,8 +90,8 @@ class TrainConfig:
     out: str = opt("runs/sagan", "run folder")
     seed: int = 0
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = opt(True, "channels_last memory format on CUDA")
+    precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    channels_last: bool = opt(True, "channels_last memory format (faster on CUDA and CPU)")
     compile: bool = opt(False, "torch.compile G and D")
     log_every: int = 50
     sample_every: int = 500
@@ -103,20 +104,24 @@ class TrainConfig:
     benchmark: bool = opt(False, "time training iterations on random data, then exit")
     bench_iters: int = 10
     bench_rounds: int = opt(1, "repeat the variants, interleaved; the median is reported")
-    bench_variants: str = opt("", "comma list of fp32,channels_last,bf16,compile,explicit_attn for a side-by-side table")
+    bench_variants: str = opt("", "side by side, e.g. default,fp32,channels_last,bf16,compile,explicit_attn,loader,real_data")
     bench_attention: str = opt("", "B,C,H,W: time one attention block's forward + backward, fused vs explicit")
 
 
-# Presets by data source; every flag given on the command line wins over them.
+# Presets by data source, then by (data source, size); every flag given on the command line wins.
 CPUS = os.cpu_count() or 1
 PRESETS = {
-    # Small enough to finish on a 2-core CPU in under 10 minutes with class-recognisable samples.
-    "synthetic": dict(size=32, ch=16, batch_size=32, steps=1200, log_every=50, sample_every=200, ckpt_every=200),
+    "synthetic": dict(size=32, batch_size=64, steps=20_000),
     "cifar10": dict(size=32, ch=64, batch_size=64, steps=100_000, workers=min(4, CPUS)),
     # The paper's ImageNet recipe (Sec. 5): batch 256, ch 64, attention at 64x64, about 1M steps.
     "imagenet": dict(size=128, ch=64, batch_size=256, steps=1_000_000, workers=min(8, CPUS), ckpt_every=2000),
     "folder": dict(size=64, ch=64, batch_size=64, steps=100_000, workers=min(4, CPUS)),
     "prepared": dict(size=128, ch=64, batch_size=256, steps=1_000_000, workers=min(2, CPUS), ckpt_every=2000),
+}
+PRESETS_BY_SIZE = {
+    # The default run: small enough to finish on a 2-core CPU in under 10 minutes, with samples
+    # whose classes are recognisable.
+    ("synthetic", 32): dict(ch=16, batch_size=32, steps=1200, log_every=50, sample_every=200, ckpt_every=200),
 }
 ATTN_BY_SIZE = {32: "16", 64: "32", 128: "64", 256: "64"}
 
@@ -143,7 +148,8 @@ def parse_config(argv=None):
     data = given.get("data", TrainConfig.data)
     if data not in PRESETS:
         raise UserError(f"unknown data source '{data}'; choose from {', '.join(PRESETS)}")
-    cfg = TrainConfig(**{**PRESETS[data], **given})
+    size = given.get("size", PRESETS[data]["size"])
+    cfg = TrainConfig(**{**PRESETS[data], **PRESETS_BY_SIZE.get((data, size), {}), **given})
     return cfg, set(given)
 
 
@@ -161,6 +167,8 @@ def check_config(cfg, world=1):
     for name in ("lr_g", "lr_d"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision must be auto, fp32 or bf16, got {cfg.precision}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and 0 <= cfg.ema_decay < 1):
         raise UserError("--beta1, --beta2 and --ema-decay must lie in [0, 1)")
     if cfg.batch_size % (world * cfg.accum):
@@ -202,6 +210,12 @@ def setup_processes(cfg):
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return torch.device(device), rank, world
+
+
+def use_bf16(cfg, device):
+    """--precision auto: bf16 autocast on CUDA; fp32 on CPU, where bf16 is fast only on CPUs
+    with native bf16 instructions (AVX512-BF16, AMX) and slow elsewhere."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 @contextmanager
@@ -495,8 +509,7 @@ def train(cfg, given=frozenset()):
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
-    cuda = device.type == "cuda"
-    gan = GAN(cfg, mcfg, device, world, amp=cuda and cfg.amp, channels_last=cuda and cfg.channels_last)
+    gan = GAN(cfg, mcfg, device, world, amp=use_bf16(cfg, device), channels_last=cfg.channels_last)
     start = 0
     if ckpt is not None:
         gan.load(ckpt)
@@ -618,7 +631,7 @@ VARIANTS = {  # amp (bf16 autocast), channels_last, compile, fused attention
     "bf16": (True, True, False, True),
     "compile": (True, True, True, True),
     "loader": None,  # the real data loader alone (--data, --workers): can it keep up?
-    "real_data": None,  # the device's default variant, fed by the real data loader
+    "real_data": None,  # the default variant, fed by the real data loader
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
 
@@ -665,11 +678,12 @@ def benchmark(cfg, variants=None):
     cuda = device.type == "cuda"
     n_classes = {"synthetic": 10, "cifar10": 10}.get(cfg.data, 1000)
     mcfg = model_config(cfg, n_classes)
-    default = "bf16" if cuda else "fp32"
-    variants = variants or [default]
-    unknown = [v for v in variants if v not in VARIANTS]
+    # "default" is what train.py would run with these flags (--precision, --channels-last, --compile).
+    table = {**VARIANTS, "default": (use_bf16(cfg, device), cfg.channels_last, cfg.compile, True)}
+    variants = variants or ["default"]
+    unknown = [v for v in variants if v not in table]
     if unknown:
-        raise UserError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        raise UserError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(table)}")
     B = cfg.batch_size // cfg.accum
     x = torch.rand(B, 3, cfg.size, cfg.size, device=device) * 2 - 1
     y = torch.randint(0, max(n_classes, 1), (B,), device=device)
@@ -680,14 +694,14 @@ def benchmark(cfg, variants=None):
     flops, times, peaks = None, {v: [] for v in variants}, {v: [] for v in variants}
     for _ in range(cfg.bench_rounds):
         for name in variants:
-            amp, channels_last, compiled, fused = VARIANTS[name] or VARIANTS[default]
+            amp, channels_last, compiled, fused = table[name] or table["default"]
             vcfg = dataclasses.replace(cfg, compile=compiled)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             with PeakRSS() as rss:
                 gan = GAN(vcfg, mcfg, device, amp=amp, channels_last=channels_last, fused_attention=fused)
-                batches = device_batches(dataset, cfg, 0, device, gan.memory_format) if VARIANTS[name] is None \
+                batches = device_batches(dataset, cfg, 0, device, gan.memory_format) if table[name] is None \
                     else itertools.repeat((x.contiguous(memory_format=gan.memory_format), y))
                 step = functools.partial(next_batch_sum if name == "loader" else gan.iteration, batches)
                 for _ in range(2 if not compiled else 3):  # warm-up (compilation, allocator, kernels)
@@ -711,8 +725,11 @@ def benchmark(cfg, variants=None):
     for name in variants:
         sec = sorted(times[name])[len(times[name]) // 2]
         tflops = flops / sec / 1e12 if flops and name != "loader" else 0.0
+        # CUDA: the true peak. CPU: RSS growth, which the first variant of a process overstates
+        # (one-time allocations) and later ones understate (freed memory reused): the median.
+        peak = max(peaks[name]) if cuda else sorted(peaks[name])[len(peaks[name]) // 2]
         rows.append(dict(variant=name, ms_per_iter=sec * 1000, images_per_s=cfg.batch_size / sec,
-                         peak_mb=max(peaks[name]) / 2**20, tflops=tflops,
+                         peak_mb=peak / 2**20, tflops=tflops,
                          mfu=tflops / peak_tflops if peak_tflops else None))
     where = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"benchmark: size {cfg.size}, ch {cfg.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {cfg.attn}, "
