@@ -149,23 +149,19 @@ class SelfAttention(nn.Module):
         """The same o through torch's fused scaled_dot_product_attention, beta never stored.
 
         SAGAN does not scale its scores, hence scale=1.0. The fused CPU and GPU kernels want
-        query, key and value of one width, but the value is 4x wider than query and key. So the
-        value is split into 4 heads of C/8 channels that all share the one query and key
-        (expanded across heads, not copied): the softmax weights are the same in every head, so
-        the result equals the single-head product. (On CPU, without the split, torch falls back
-        to its unfused math path, which stores the whole score matrix.)
+        query, key and value of one width, but the value is 4x wider than query and key. So query
+        and key are zero-padded from C/8 to C/2 channels: the zeros add nothing to the scores
+        f(x_i)^T g(x_j), so beta and o are unchanged. (Without this, torch silently falls back to
+        its unfused math path, which stores the whole score matrix.)
         """
-        B = x.shape[0]
-        gx = self.g(x).flatten(2)  # (B, C/8, N)
+        gx = self.g(x).flatten(2).transpose(1, 2)  # (B, N, C/8)
         fx, hx = self._keys_values(x)  # (B, C/8, M), (B, C/2, M)
-        c8, m = fx.shape[1], fx.shape[2]
-        heads = hx.shape[1] // c8  # 4
-        # The kernels also want the channel dimension last and contiguous (small copies).
-        q = gx.transpose(1, 2).contiguous().unsqueeze(1).expand(B, heads, -1, c8)  # (B, 4, N, C/8)
-        k = fx.transpose(1, 2).contiguous().unsqueeze(1).expand(B, heads, m, c8)  # (B, 4, M, C/8)
-        val = hx.view(B, heads, c8, m).transpose(2, 3).contiguous()  # (B, 4, M, C/8)
-        o = F.scaled_dot_product_attention(q, k, val, scale=1.0)  # (B, 4, N, C/8)
-        return o.transpose(2, 3).reshape(B, heads * c8, -1)  # (B, C/2, N)
+        pad = hx.shape[1] - fx.shape[1]  # C/2 - C/8 zero channels
+        q = F.pad(gx, (0, pad)).unsqueeze(1)  # (B, 1, N, C/2)
+        k = F.pad(fx.transpose(1, 2), (0, pad)).unsqueeze(1)  # (B, 1, M, C/2)
+        val = hx.transpose(1, 2).contiguous().unsqueeze(1)  # (B, 1, M, C/2), channels last
+        o = F.scaled_dot_product_attention(q, k, val, scale=1.0)  # (B, 1, N, C/2)
+        return o.squeeze(1).transpose(1, 2)  # (B, C/2, N)
 
     def forward(self, x, return_beta=False):
         B, C, *spatial = x.shape
@@ -173,7 +169,7 @@ class SelfAttention(nn.Module):
             o, beta = self._explicit(x)
         else:
             o, beta = self._fused(x), None
-        o = self.v(o.view(B, C // 2, *spatial))  # (B, C, *spatial): Eq. (2), output conv v
+        o = self.v(o.reshape(B, C // 2, *spatial))  # (B, C, *spatial): Eq. (2), output conv v
         y = self.gamma * o + x  # Eq. (3)
         return (y, beta) if return_beta else y
 
