@@ -4,8 +4,8 @@ Zhang, Goodfellow, Metaxas, Odena, "Self-Attention Generative Adversarial Networ
 ICML 2019 (arXiv 1805.08318). The layout follows the released code that produced the paper's
 numbers (brain-research/self-attention-gan) as re-implemented by BigGAN-PyTorch's SA-GAN
 script: ResNet generator and discriminator, both spectrally normalised, conditional batch norm in
-G, a projection discriminator, and hinge losses. The file reads top to bottom: attention,
-spectral norm, blocks, generator, discriminator, losses.
+G, a projection discriminator, and hinge losses. The file reads top to bottom: configuration,
+spectral norm, self-attention, generator, discriminator, losses.
 
 Paper-to-code map
     Sec. 3, f(x) = W_f x, g(x) = W_g x       SelfAttention.f, SelfAttention.g (1x1 convs, C/8)
@@ -15,9 +15,9 @@ Paper-to-code map
     Eq. (3): y_i = gamma * o_i + x_i         SelfAttention.forward, gamma initialised to 0
     Sec. 4, spectral norm in G and D         sn(); ModelConfig.g_sn=False is the "SN on D" baseline
     Sec. 4, two-timescale update rule        train.py (lr 1e-4 for G, 4e-4 for D)
-    Sec. 5, hinge loss, Eq. (4)              d_hinge_loss, g_hinge_loss
+    Sec. 3, Eq. (4): hinge losses            d_hinge_loss, g_hinge_loss
     Sec. 5, conditional BN / projection D    ConditionalBatchNorm, Discriminator.embed
-    Sec. 5.1, Table 1, attention at featK    ModelConfig.attn (feature-map resolutions; () = none)
+    Sec. 5.2, Table 1, attention at featK    ModelConfig.attn (feature-map resolutions; () = none)
 
 Differences from the paper's equations (all follow the released code, which produced the numbers)
     1. The value h has C/2 channels, not C/8, and an output 1x1 conv v maps it back to C channels.
@@ -325,7 +325,7 @@ class Discriminator(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hinge losses (Sec. 5, Eq. (4))
+# Hinge losses (Sec. 3, Eq. (4))
 # ---------------------------------------------------------------------------------------------
 
 def d_hinge_loss(real_logits, fake_logits):

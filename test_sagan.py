@@ -72,7 +72,8 @@ def test_fused_and_explicit_attention_agree(spatial, pooled):
 
 
 def test_fused_attention_uses_the_fused_kernel_on_cpu():
-    """The value split into heads is what lets torch pick its flash kernel over the math path."""
+    """Zero-padding query and key to the value's width is what lets torch pick its flash kernel
+    over the math path."""
     attn = SelfAttention(64)
     x = torch.randn(2, 64, 16, 16, requires_grad=True)
     with torch.profiler.profile() as prof:

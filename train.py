@@ -312,7 +312,7 @@ def load_checkpoint(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The training iteration (Sec. 4: TTUR; Sec. 5: hinge loss)
+# The training iteration (Sec. 4: TTUR; Sec. 3, Eq. (4): hinge loss)
 # ---------------------------------------------------------------------------------------------
 
 class TrainingDiverged(Exception):
@@ -485,7 +485,9 @@ def train(cfg, given=frozenset()):
     if cfg.resume:
         path = os.path.join(cfg.out, "ckpt.pt") if cfg.resume == "auto" else cfg.resume
         ckpt = load_checkpoint(path)
-        cfg = TrainConfig(**{**ckpt["train"], **{k: getattr(cfg, k) for k in given}})
+        known = {f.name for f in dataclasses.fields(TrainConfig)}  # a flag may have gone since
+        saved = {k: v for k, v in ckpt["train"].items() if k in known}
+        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}})
         cfg.resume = path
     check_config(cfg, world)
     main_process = rank == 0
