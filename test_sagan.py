@@ -624,7 +624,8 @@ def test_folder_of_odd_images_trains_and_reports_skipped_files(tmp_path, capsys)
 
 
 def test_benchmark_smoke_prints_the_table():
-    code, out, err = run_cli("train.py", "--benchmark", "--size", "32", "--ch", "8", "--batch-size", "4",
+    # Random data: the ImageNet preset needs no --data-root here.
+    code, out, err = run_cli("train.py", "--benchmark", "--data", "imagenet", "--size", "32", "--ch", "8", "--batch-size", "4",
                              "--bench-iters", "1", "--bench-variants", "default,fp32,explicit_attn,channels_last")
     assert code == 0, err
     for word in ("ms/iter", "images/s", "peak MB", "TFLOP/s", "default", "fp32", "explicit_attn", "channels_last"):

@@ -153,7 +153,7 @@ def parse_config(argv=None):
     return cfg, set(given)
 
 
-def check_config(cfg, world=1):
+def check_config(cfg, world=1, needs_data=True):
     if cfg.size not in ATTN_BY_SIZE:
         raise UserError(f"--size {cfg.size} is not supported; choose from {sorted(ATTN_BY_SIZE)}")
     if cfg.attn == "auto":
@@ -173,7 +173,7 @@ def check_config(cfg, world=1):
         raise UserError("--beta1, --beta2 and --ema-decay must lie in [0, 1)")
     if cfg.batch_size % (world * cfg.accum):
         raise UserError(f"--batch-size {cfg.batch_size} must divide by processes x --accum = {world * cfg.accum}")
-    if cfg.data != "synthetic" and not cfg.data_root and cfg.data != "cifar10":
+    if needs_data and cfg.data not in ("synthetic", "cifar10") and not cfg.data_root:
         raise UserError(f"--data {cfg.data} needs --data-root")
 
 
@@ -676,13 +676,13 @@ def next_batch_sum(batches):
 def benchmark(cfg, variants=None):
     """Time cfg.bench_iters iterations per variant, rounds interleaved; returns one row each."""
     device, _, _ = setup_processes(cfg)
-    check_config(cfg)
+    variants = variants or ["default"]
+    check_config(cfg, needs_data=bool({"loader", "real_data"} & set(variants)))  # else random data
     cuda = device.type == "cuda"
     n_classes = {"synthetic": 10, "cifar10": 10}.get(cfg.data, 1000)
     mcfg = model_config(cfg, n_classes)
     # "default" is what train.py would run with these flags (--precision, --channels-last, --compile).
     table = {**VARIANTS, "default": (use_bf16(cfg, device), cfg.channels_last, cfg.compile, True)}
-    variants = variants or ["default"]
     unknown = [v for v in variants if v not in table]
     if unknown:
         raise UserError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(table)}")
