@@ -203,6 +203,8 @@ def setup_processes(cfg):
         raise UserError(f"--device {device} is not supported; use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}, but torch sees no CUDA GPU")
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time and pick its kernels
     if world > 1:
         if device.startswith("cuda"):
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
