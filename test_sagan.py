@@ -541,7 +541,7 @@ def test_imagenet_preset_is_the_papers():
 
 
 def test_ddp_with_two_gloo_processes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "train.py"), *TINY, "--steps", "3", "--device", "cpu", "--out", str(tmp_path)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
