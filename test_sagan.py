@@ -1163,3 +1163,31 @@ def test_eval_every_without_inception_weights_warns_once_and_trains(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("warning: no IS/FID during training") == 1
     assert not [l for l in open(tmp_path / "log.jsonl") if '"IS"' in l]
+
+
+def test_spectral_norm_runs_outside_bf16_autocast():
+    """sn_in_fp32 computes every normalised weight before autocast starts, once per forward, so
+    on CUDA (where autocast would run the power iteration's matrix-vector products in bf16)
+    sigma stays fp32. A hook on each spectral-norm parametrization records whether autocast
+    was on when it ran."""
+    torch.manual_seed(0)
+    D = Discriminator(ModelConfig(size=32, ch=8, n_classes=10, attn=(16,)))
+    calls = []
+    for m in D.modules():
+        if torch.nn.utils.parametrize.is_parametrized(m, "weight"):
+            m.parametrizations.weight[0].register_forward_pre_hook(
+                lambda mod, args: calls.append(torch.is_autocast_enabled("cpu")))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        D(x, y)
+    assert calls and all(calls)  # without it: inside autocast
+    calls.clear()
+    with train.sn_in_fp32(D), torch.autocast("cpu", dtype=torch.bfloat16):
+        D(x, y)
+    assert len(calls) == 16 and not any(calls)  # each of D's 16 weights once, before autocast
+
+
+def test_bf16_training_steps_are_finite(tmp_path):
+    assert train.main(TINY + ["--steps", "3", "--precision", "bf16", "--out", tmp_path]) == 0
+    log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    assert all(np.isfinite(log[-1][k]) for k in ("loss_d_real", "loss_d_fake", "loss_g"))
