@@ -549,8 +549,10 @@ def train(cfg, given=frozenset()):
 
     evaluator = make_evaluator(cfg, device) if cfg.eval_every and main_process else None
     stop = []
+    # Every process catches the signal (torchrun forwards it to all); they agree on the step
+    # to stop at through an all-reduce below, then rank 0 saves.
     handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)} if main_process or world == 1 else {}
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         t_last, step_last, t_start = time.perf_counter(), start, time.perf_counter()
         for step in range(start, cfg.steps):
