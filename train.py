@@ -564,10 +564,13 @@ def train(cfg, given=frozenset()):
                 raise TrainingDiverged(f"{LOGGED[i]} is {stats[i].item()} at step {step + 1}; "
                                        f"the last good checkpoint is kept in {ckpt_path}")
             done = step + 1
-            if world > 1:  # every process must stop at the same step
-                flag = torch.tensor([float(bool(stop))], device=device)
+            # One decision per step, from a snapshot: a signal landing after it counts next step.
+            # Under DDP every process must stop at the same step, so they agree by an all-reduce.
+            stopping = bool(stop)
+            if world > 1:
+                flag = torch.tensor([float(stopping)], device=device)
                 dist.all_reduce(flag)
-                stop += [signal.SIGTERM] if flag.item() and not stop else []
+                stopping = flag.item() > 0
             if main_process and (done % cfg.log_every == 0 or done == cfg.steps):
                 now = time.perf_counter()
                 rate = (done - step_last) * cfg.batch_size / (now - t_last)
@@ -591,17 +594,21 @@ def train(cfg, given=frozenset()):
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": done, **metrics}) + "\n")
                 print(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
-            if main_process and (done % cfg.ckpt_every == 0 or done == cfg.steps or stop):
-                if not save(done) and (done == cfg.steps or stop):
+            if main_process and (done % cfg.ckpt_every == 0 or done == cfg.steps or stopping):
+                if not save(done) and (done == cfg.steps or stopping):
                     raise UserError(f"the final checkpoint could not be written to {ckpt_path}")
-            if stop:
+            if stopping:
                 if main_process:
-                    print(f"stopped by signal {stop[0]} at step {done}; checkpoint saved to {ckpt_path}; "
+                    print(f"stopped by signal {(stop or [signal.SIGTERM])[0]} at step {done}; checkpoint saved to {ckpt_path}; "
                           f"continue with: python train.py --resume --out {cfg.out}", flush=True)
-                return done
-        if main_process and getattr(dataset, "summary", ""):
-            print(dataset.summary)
-        return cfg.steps
+                break
+        else:
+            done = max(start, cfg.steps)
+            if main_process and getattr(dataset, "summary", ""):
+                print(dataset.summary)
+        if world > 1:  # wait for rank 0's last save: a process leaving early tears the group down
+            dist.barrier()
+        return done
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
