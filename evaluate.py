@@ -4,6 +4,7 @@
     python evaluate.py --make-ref-stats train.npz --data imagenet --data-root DIR --size 128
     python evaluate.py --ckpt runs/x/ckpt.pt --attention attn.png  # Figure 5: where G looks
     python evaluate.py --ckpt runs/x/ckpt.pt --grid grid.png --classes 1,207,980
+    python evaluate.py --benchmark --batch-size 200    # speed: Inception images/s, FID at d = 2048
 
 Reference protocol (the one behind published IS and FID; SAGAN_NOTES section 6)
     Network  the 2015-12-05 TensorFlow Inception graph as ported by pytorch-fid (weights file
@@ -494,6 +495,9 @@ class EvalConfig:
     k: int = _arg(4, "images for --attention; samples per class for --grid")
     grid: str = _arg("", "write a sample grid, a row per class, to this PNG")
     classes: str = _arg("", 'classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)')
+    benchmark: bool = _arg(False, "time Inception features on random --size images and the Frechet distance "
+                                  "at d = 2048, then exit (random weights unless --inception-weights)")
+    bench_batches: int = _arg(4, "batches of --batch-size that --benchmark times, after one warm-up batch")
 
 
 def build_parser():
@@ -541,18 +545,47 @@ def _write_pictures(cfg, G, mcfg, device):
         print(f"wrote {cfg.grid}")
 
 
+def _device(name):
+    device = name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and not torch.cuda.is_available()):
+        raise UserError(f"--device {name}: use auto, cpu, or cuda[:N] where CUDA is available")
+    return device
+
+
+def benchmark(cfg, device):
+    """Speed only: Inception feature throughput (images/s; it does not depend on the weights, so
+    random ones do where the real file is missing) and the time of one frechet_distance at d = 2048."""
+    net = load_inception(cfg.inception_weights, device) if cfg.inception_weights else FIDInception().eval().to(device)
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.size, cfg.size), dtype=torch.uint8, device=device)
+    inception_outputs(net, [images], cfg.batch_size, device, progress=False)  # warm-up: allocator, cuDNN
+    start = time.perf_counter()
+    inception_outputs(net, [images] * cfg.bench_batches, cfg.batch_size * cfg.bench_batches, device, progress=False)
+    rate = cfg.batch_size * cfg.bench_batches / (time.perf_counter() - start)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    a, b = (torch.randn(2048, 4096, generator=gen, dtype=torch.float64) for _ in range(2))
+    stats = [(torch.randn(2048, generator=gen, dtype=torch.float64), x @ x.T / 4096) for x in (a, b)]
+    start = time.perf_counter()
+    frechet_distance(*stats[0], *stats[1])
+    seconds = time.perf_counter() - start
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"Inception features: {rate:.1f} images/s ({cfg.size}x{cfg.size} uint8 -> 299, batch {cfg.batch_size}, "
+          f"fp32 without TF32, {where}, torch {torch.__version__})")
+    print(f"frechet_distance at d = 2048: {seconds:.2f} s (float64, CPU)")
+    return rate, seconds
+
+
 def evaluate(cfg):
     """Does what an EvalConfig asks; the module docstring lists the modes."""
-    for name in ("n", "batch_size", "k", "splits"):
+    for name in ("n", "batch_size", "k", "splits", "bench_batches", "size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.benchmark:
+        return benchmark(cfg, _device(cfg.device))
     if sum(map(bool, (cfg.ckpt, cfg.images, cfg.data))) != 1:
         raise UserError("give one source of images: --ckpt RUN/ckpt.pt, --images DIR|FILE.npy or --data SOURCE")
     if (cfg.attention or cfg.grid) and not cfg.ckpt:
         raise UserError("--attention and --grid draw samples of a generator: give --ckpt")
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and not torch.cuda.is_available()):
-        raise UserError(f"--device {device}: use auto, cpu, or cuda[:N] where CUDA is available")
+    device = _device(cfg.device)
     ref = load_stats(cfg.ref_stats) if cfg.ref_stats else None  # fail before the long part
     result = {"n": cfg.n, "source": cfg.ckpt or cfg.images or cfg.data, "ref_stats": cfg.ref_stats or None}
     if cfg.ckpt:

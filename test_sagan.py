@@ -27,6 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmark
 import data
 import evaluate as ev
 import train
@@ -35,6 +36,19 @@ from sagan import (Discriminator, Generator, ModelConfig, SelfAttention, d_hinge
                    g_hinge_loss)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The GPU code paths are tested where a GPU is present (`pytest -k cuda` runs just those).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_cuda_is_the_parameter(request, monkeypatch):
+    """Every test runs on the CPU, where runs are bit-exact, even on a machine with a GPU: "auto"
+    devices resolve to the CPU here and in the scripts the tests start. Only tests whose device
+    parameter is "cuda" see the GPU."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("device") != "cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 def n_params(module):
@@ -54,32 +68,41 @@ def test_attention_is_identity_at_init(pooled):
     assert torch.equal(attn(x), x)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pooled", [True, False])
 @pytest.mark.parametrize("spatial", [(16,), (8, 8), (4, 4, 4)])
-def test_fused_and_explicit_attention_agree(spatial, pooled):
+def test_fused_and_explicit_attention_agree(spatial, pooled, device):
     torch.manual_seed(0)
-    attn = SelfAttention(64, dims=len(spatial), pooled=pooled)
+    attn = SelfAttention(64, dims=len(spatial), pooled=pooled).to(device)
     attn.gamma.data.fill_(0.8)  # otherwise both paths return x exactly
     attn.eval()  # keep the spectral-norm vectors fixed between the two calls
-    x = torch.randn(3, 64, *spatial)
+    x = torch.randn(3, 64, *spatial, device=device)
     y_fused = attn(x)
     y_explicit, beta = attn(x, return_beta=True)
     rel = (y_fused - y_explicit).norm() / (y_explicit - x).norm()
     assert rel <= 1e-5
     n = x[0, 0].numel()
     assert beta.shape == (3, n, n // 2 ** len(spatial) if pooled else n)
-    assert torch.allclose(beta.sum(-1), torch.ones(3, n), atol=1e-5)
+    assert torch.allclose(beta.sum(-1), torch.ones(3, n, device=device), atol=1e-5)
 
 
-def test_fused_attention_uses_the_fused_kernel_on_cpu():
-    """Zero-padding query and key to the value's width is what lets torch pick its flash kernel
-    over the math path."""
-    attn = SelfAttention(64)
-    x = torch.randn(2, 64, 16, 16, requires_grad=True)
-    with torch.profiler.profile() as prof:
+# Per device and precision, the fused kernels torch may pick for the padded query, key and value.
+FUSED_KERNELS = {"cpu": {"aten::_scaled_dot_product_flash_attention_for_cpu"},
+                 "cuda": {"aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+                          "aten::_scaled_dot_product_cudnn_attention"}}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_attention_uses_a_fused_kernel(device, bf16):
+    """Zero-padding query and key to the value's width is what lets torch pick a fused kernel
+    over its math path, in fp32 and under bf16 autocast as in training."""
+    attn = SelfAttention(64).to(device)
+    x = torch.randn(2, 64, 16, 16, device=device, requires_grad=True)
+    with torch.profiler.profile() as prof, torch.autocast(device, torch.bfloat16, enabled=bf16):
         attn(x).sum().backward()
     names = {e.key for e in prof.key_averages()}
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert names & FUSED_KERNELS[device], sorted(n for n in names if "attention" in n)
     assert "aten::_scaled_dot_product_attention_math" not in names
 
 
@@ -568,7 +591,7 @@ def bad_train_inputs(tmp_path_factory):
     (d / "junk.pt").write_text("not a checkpoint")
     torch.save({"weights": torch.zeros(3)}, d / "foreign.pt")
     torch.save({"format": "sagan-checkpoint", "version": 99}, d / "v99.pt")
-    assert train.main(TINY + ["--steps", "1", "--out", d / "run"]) == 0
+    assert train.main(TINY + ["--steps", "1", "--device", "cpu", "--out", d / "run"]) == 0  # before the autouse CPU fixture
     whole = (d / "run" / "ckpt.pt").read_bytes()
     (d / "truncated.pt").write_bytes(whole[: len(whole) // 2])
     return d
@@ -626,12 +649,39 @@ def test_folder_of_odd_images_trains_and_reports_skipped_files(tmp_path, capsys)
 def test_benchmark_smoke_prints_the_table():
     # Random data: the ImageNet preset needs no --data-root here.
     code, out, err = run_cli("train.py", "--benchmark", "--data", "imagenet", "--size", "32", "--ch", "8", "--batch-size", "4",
-                             "--bench-iters", "1", "--bench-variants", "default,fp32,explicit_attn,channels_last")
+                             "--bench-iters", "1", "--bench-variants", "default,fp32,explicit_attn,channels_last",
+                             "--bench-profile")
     assert code == 0, err
     for word in ("ms/iter", "images/s", "peak MB", "TFLOP/s", "default", "fp32", "explicit_attn", "channels_last"):
         assert word in out, word
-    rows = [l.split() for l in out.splitlines() if l.split() and l.split()[0] in [*train.VARIANTS, "default"]]
-    assert len(rows) == 4 and all(float(r[2]) > 0 for r in rows)
+    rows = [l.split() for l in out.splitlines() if l.split() and l.split()[0] in [*benchmark.VARIANTS, "default"]]
+    assert len(rows) == 4 and all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)  # images/s, TFLOP/s
+    # --bench-profile: the operators of one iteration, by self time; convolutions among the top.
+    profile = out[out.index("where the time goes"):].splitlines()[2:]
+    shares = [float(line.split()[-2].rstrip("%")) for line in profile]
+    assert len(profile) == 12 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+    assert any("conv" in line for line in profile[:5]), profile
+
+
+def test_benchmark_reports_a_variant_out_of_gpu_memory_and_goes_on(monkeypatch, capsys):
+    """One variant runs out of (GPU) memory: it is named in the table, skipped in later rounds,
+    and the other variants are timed and their FLOPs counted as usual."""
+    real, calls = benchmark.time_variant, []
+
+    def time_variant(cfg, mcfg, device, spec, *args, **kwargs):
+        calls.append(spec)
+        if spec == benchmark.VARIANTS["explicit_attn"]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 17.00 GiB")
+        return real(cfg, mcfg, device, spec, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "time_variant", time_variant)
+    cfg, _ = train.parse_config(["--benchmark", "--size", "32", "--ch", "8", "--batch-size", "4",
+                                 "--bench-iters", "1", "--bench-rounds", "2"])
+    rows = benchmark.benchmark(cfg, ["explicit_attn", "fp32"])
+    assert calls.count(benchmark.VARIANTS["explicit_attn"]) == 1 and calls.count(benchmark.VARIANTS["fp32"]) == 2
+    assert rows[0] == {"variant": "explicit_attn", "out_of_memory": True}
+    assert rows[1]["variant"] == "fp32" and rows[1]["images_per_s"] > 0 and rows[1]["tflops"] > 0
+    assert "explicit_attn  out of memory" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,7 +727,7 @@ def fid_net(fid_weights):
 
 
 def make_checkpoint(path, attn=(16,), n_classes=3):
-    """A checkpoint in train.py's format (DESIGN.md), with different G and G_ema weights."""
+    """A checkpoint in train.py's format (train.GAN.state), with different G and G_ema weights."""
     cfg = ModelConfig(size=32, ch=8, z_dim=16, n_classes=n_classes, attn=attn)
     torch.manual_seed(1)
     G, G_ema = Generator(cfg), Generator(cfg)
@@ -973,6 +1023,15 @@ def test_reference_statistics_of_a_data_source(fid_weights, tmp_path, capsys):
     assert "3/3" in capsys.readouterr().err  # progress
 
 
+def test_evaluate_benchmark_times_inception_and_the_frechet_distance(capsys):
+    # Random weights (speed does not depend on them), one warm-up batch, one timed batch.
+    assert ev.main(["--benchmark", "--size", "32", "--batch-size", "2", "--bench-batches", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rate = float(out.split("Inception features: ")[1].split()[0])
+    seconds = float(out.split("frechet_distance at d = 2048: ")[1].split()[0])
+    assert rate > 0 and seconds > 0 and "batch 2" in out and "32x32" in out
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
@@ -997,6 +1056,7 @@ def bad_inputs(tmp_path_factory):
     (["--ckpt", "{ckpt}", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--ckpt", "{ckpt}", "--n", "5"], "needs at least --splits 10 images, got 5"),
     (["--ckpt", "{ckpt}", "--device", "tpu"], "--device tpu"),
+    (["--benchmark", "--bench-batches", "0"], "--bench-batches must be at least 1"),
     (["--ckpt", "{ckpt}", "--inception-weights", "{d}/missing.pth"], "cannot read Inception weights"),
     (["--ckpt", "{ckpt}", "--inception-weights", "{d}/junk.pt"], "cannot read Inception weights"),
     (["--ckpt", "{ckpt}", "--images", "{d}/empty"], "give one source of images"),
@@ -1181,29 +1241,31 @@ def test_eval_every_without_inception_weights_warns_once_and_trains(tmp_path, ca
     assert not [l for l in open(tmp_path / "log.jsonl") if '"IS"' in l]
 
 
-def test_spectral_norm_runs_outside_bf16_autocast():
+@pytest.mark.parametrize("device", DEVICES)
+def test_spectral_norm_runs_outside_bf16_autocast(device):
     """sn_in_fp32 computes every normalised weight before autocast starts, once per forward, so
     on CUDA (where autocast would run the power iteration's matrix-vector products in bf16)
     sigma stays fp32. A hook on each spectral-norm parametrization records whether autocast
     was on when it ran."""
     torch.manual_seed(0)
-    D = Discriminator(ModelConfig(size=32, ch=8, n_classes=10, attn=(16,)))
+    D = Discriminator(ModelConfig(size=32, ch=8, n_classes=10, attn=(16,))).to(device)
     calls = []
     for m in D.modules():
         if torch.nn.utils.parametrize.is_parametrized(m, "weight"):
             m.parametrizations.weight[0].register_forward_pre_hook(
-                lambda mod, args: calls.append(torch.is_autocast_enabled("cpu")))
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+                lambda mod, args: calls.append(torch.is_autocast_enabled(device)))
+    x, y = torch.randn(2, 3, 32, 32, device=device), torch.tensor([1, 2], device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         D(x, y)
     assert calls and all(calls)  # without it: inside autocast
     calls.clear()
-    with train.sn_in_fp32(D), torch.autocast("cpu", dtype=torch.bfloat16):
+    with train.sn_in_fp32(D), torch.autocast(device, dtype=torch.bfloat16):
         D(x, y)
     assert len(calls) == 16 and not any(calls)  # each of D's 16 weights once, before autocast
 
 
-def test_bf16_training_steps_are_finite(tmp_path):
-    assert train.main(TINY + ["--steps", "3", "--precision", "bf16", "--out", tmp_path]) == 0
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_training_steps_are_finite(tmp_path, device):
+    assert train.main(TINY + ["--steps", "3", "--precision", "bf16", "--device", device, "--out", tmp_path]) == 0
     log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert all(np.isfinite(log[-1][k]) for k in ("loss_d_real", "loss_d_fake", "loss_g"))

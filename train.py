@@ -4,7 +4,7 @@
     python train.py --data imagenet --data-root /data/imagenet/train --size 128   # the paper
     torchrun --nproc_per_node=8 train.py --data imagenet ...                      # many GPUs
     python train.py --resume --out runs/x              # continue a run (also after a crash)
-    python train.py --benchmark --size 128 --batch-size 8                         # speed only
+    python train.py --benchmark --size 128 --batch-size 8          # speed only: benchmark.py
 
 The recipe (paper Sec. 4 and 5): hinge loss, spectral norm in G and D, Adam(beta1=0, beta2=0.9),
 lr 1e-4 for G and 4e-4 for D (TTUR), one D step per G step, batch 256 at ImageNet 128.
@@ -22,13 +22,10 @@ A run folder holds config.json, log.jsonl (one line per --log-every steps), samp
 import argparse
 import copy
 import dataclasses
-import functools
 import glob
-import itertools
 import json
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -106,6 +103,7 @@ class TrainConfig:
     bench_rounds: int = opt(1, "repeat the variants, interleaved; the median is reported")
     bench_variants: str = opt("", "side by side, e.g. default,fp32,channels_last,bf16,compile,explicit_attn,loader,real_data")
     bench_attention: str = opt("", "B,C,H,W: time one attention block's forward + backward, fused vs explicit")
+    bench_profile: bool = opt(False, "also print the operators that take most of one iteration's time")
 
 
 # Presets by data source, then by (data source, size); every flag given on the command line wins.
@@ -634,163 +632,6 @@ def make_evaluator(cfg, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# --benchmark: speed and memory of training iterations on random data, variants side by side
-# ---------------------------------------------------------------------------------------------
-
-VARIANTS = {  # amp (bf16 autocast), channels_last, compile, fused attention
-    "fp32": (False, False, False, True),
-    "explicit_attn": (False, False, False, False),
-    "channels_last": (False, True, False, True),
-    "bf16": (True, True, False, True),
-    "compile": (True, True, True, True),
-    "loader": None,  # the real data loader alone (--data, --workers): can it keep up?
-    "real_data": None,  # the default variant, fed by the real data loader
-}
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, minus the level at its start
-    (sampled every 2 ms from /proc; ru_maxrss cannot be reset between variants)."""
-
-    def __enter__(self):
-        import threading
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.base = self.peak = self._rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _rss(self):
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self.page
-        except OSError:
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _watch(self):
-        while self.running:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.extra = self.peak - self.base
-
-
-def next_batch_sum(batches):
-    return next(batches)[0].sum()  # something to wait for, as an iteration's stats
-
-
-def benchmark(cfg, variants=None):
-    """Time cfg.bench_iters iterations per variant, rounds interleaved; returns one row each."""
-    device, _, _ = setup_processes(cfg)
-    variants = variants or ["default"]
-    check_config(cfg, needs_data=bool({"loader", "real_data"} & set(variants)))  # else random data
-    cuda = device.type == "cuda"
-    n_classes = {"synthetic": 10, "cifar10": 10}.get(cfg.data, 1000)
-    mcfg = model_config(cfg, n_classes)
-    # "default" is what train.py would run with these flags (--precision, --channels-last, --compile).
-    table = {**VARIANTS, "default": (use_bf16(cfg, device), cfg.channels_last, cfg.compile, True)}
-    unknown = [v for v in variants if v not in table]
-    if unknown:
-        raise UserError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(table)}")
-    B = cfg.batch_size // cfg.accum
-    x = torch.rand(B, 3, cfg.size, cfg.size, device=device) * 2 - 1
-    y = torch.randint(0, max(n_classes, 1), (B,), device=device)
-    dataset = None
-    if {"loader", "real_data"} & set(variants):
-        from data import make_dataset
-        dataset = make_dataset(cfg.data, cfg.data_root or None, cfg.size)
-    flops, times, peaks = None, {v: [] for v in variants}, {v: [] for v in variants}
-    for _ in range(cfg.bench_rounds):
-        for name in variants:
-            amp, channels_last, compiled, fused = table[name] or table["default"]
-            vcfg = dataclasses.replace(cfg, compile=compiled)
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            with PeakRSS() as rss:
-                gan = GAN(vcfg, mcfg, device, amp=amp, channels_last=channels_last, fused_attention=fused)
-                batches = device_batches(dataset, cfg, 0, device, gan.memory_format) if table[name] is None \
-                    else itertools.repeat((x.contiguous(memory_format=gan.memory_format), y))
-                step = functools.partial(next_batch_sum if name == "loader" else gan.iteration, batches)
-                for _ in range(2 if not compiled else 3):  # warm-up (compilation, allocator, kernels)
-                    step()
-                if flops is None and name != "loader":
-                    from torch.utils.flop_counter import FlopCounterMode
-                    with FlopCounterMode(display=False) as counter:
-                        step()
-                    flops = counter.get_total_flops()
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(cfg.bench_iters):
-                    out = step()
-                out.tolist()  # waits for the device
-                times[name].append((time.perf_counter() - t) / cfg.bench_iters)
-            peaks[name].append(torch.cuda.max_memory_allocated() if cuda else rss.extra)
-            del gan, batches, step
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
-    rows = []
-    for name in variants:
-        sec = sorted(times[name])[len(times[name]) // 2]
-        tflops = flops / sec / 1e12 if flops and name != "loader" else 0.0
-        # CUDA: the true peak. CPU: RSS growth, which the first variant of a process overstates
-        # (one-time allocations) and later ones understate (freed memory reused): the median.
-        peak = max(peaks[name]) if cuda else sorted(peaks[name])[len(peaks[name]) // 2]
-        rows.append(dict(variant=name, ms_per_iter=sec * 1000, images_per_s=cfg.batch_size / sec,
-                         peak_mb=peak / 2**20, tflops=tflops,
-                         mfu=tflops / peak_tflops if peak_tflops else None))
-    where = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"benchmark: size {cfg.size}, ch {cfg.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {cfg.attn}, "
-          f"{where}, {cfg.bench_iters} iterations x {cfg.bench_rounds} rounds, "
-          f"{(flops or 0) / 1e12:.3f} TFLOP per iteration; peak memory is {'CUDA max allocated' if cuda else 'RSS growth'}")
-    print(f"{'variant':<14} {'ms/iter':>9} {'images/s':>9} {'peak MB':>9} {'TFLOP/s':>8} {'MFU':>6}")
-    for r in rows:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['variant']:<14} {r['ms_per_iter']:9.1f} {r['images_per_s']:9.1f} {r['peak_mb']:9.0f} {r['tflops']:8.3f} {mfu:>6}")
-    return rows
-
-
-def benchmark_attention(cfg):
-    """Forward + backward of one SelfAttention block, fused and explicit, rounds interleaved."""
-    device, _, _ = setup_processes(cfg)
-    try:
-        B, C, H, W = (int(v) for v in cfg.bench_attention.split(","))
-    except ValueError:
-        raise UserError(f"--bench-attention takes B,C,H,W, got {cfg.bench_attention}") from None
-    from sagan import SelfAttention
-    attn = SelfAttention(C, pooled=cfg.pooled).to(device)
-    attn.gamma.data.fill_(0.5)
-    x = torch.randn(B, C, H, W, device=device, requires_grad=True)
-    times, extra = {True: [], False: []}, {True: [], False: []}
-    for _ in range(cfg.bench_rounds):
-        for fused in (True, False):
-            attn.fused = fused
-            attn(x).sum().backward()  # warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            with PeakRSS() as rss:
-                t = time.perf_counter()
-                for _ in range(cfg.bench_iters):
-                    attn(x).sum().backward()
-                x.grad.sum().item()  # waits for the device
-                times[fused].append((time.perf_counter() - t) / cfg.bench_iters)
-            extra[fused].append(torch.cuda.max_memory_allocated() - base if device.type == "cuda" else rss.extra)
-    print(f"attention block, (B, C, H, W) = ({B}, {C}, {H}, {W}), pooled={cfg.pooled}, {device}, "
-          f"forward + backward, median of {cfg.bench_rounds} rounds x {cfg.bench_iters} iterations")
-    for fused in (True, False):
-        ms, mb = sorted(times[fused])[cfg.bench_rounds // 2] * 1000, max(extra[fused]) / 2**20
-        print(f"{'fused' if fused else 'explicit':<9} {ms:9.1f} ms   +{mb:7.0f} MB")
-    return times, extra
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -798,10 +639,12 @@ def main(argv=None):
     from data import DataError
     try:
         cfg, given = parse_config(argv)
-        if cfg.benchmark and cfg.bench_attention:
-            benchmark_attention(cfg)
-        elif cfg.benchmark:
-            benchmark(cfg, [v for v in cfg.bench_variants.split(",") if v])
+        if cfg.benchmark:  # speed and memory only: benchmark.py
+            import benchmark
+            if cfg.bench_attention:
+                benchmark.benchmark_attention(cfg)
+            else:
+                benchmark.benchmark(cfg, [v for v in cfg.bench_variants.split(",") if v])
         else:
             train(cfg, given)
     except (UserError, DataError) as e:

@@ -1,0 +1,258 @@
+"""Speed and memory of SAGAN training, run as `python train.py --benchmark ...`.
+
+    python train.py --benchmark --size 128 --batch-size 16 --bench-variants default,fp32,explicit_attn
+    python train.py --benchmark --size 128 --batch-size 256 --bench-variants fp32,default --bench-profile
+    python train.py --benchmark --bench-attention 4,128,64,64 --bench-rounds 7 --bench-iters 3
+
+Whole training iterations (the D steps and the G step of train.GAN.iteration, optimizer steps
+included) are timed on one fixed random batch, so nothing but the model is measured; the `loader`
+and `real_data` variants bring the real data loader in. Several variants run side by side in one
+process, interleaved over --bench-rounds so that a drifting machine hits them alike; the median
+round is reported. Per variant: ms/iteration, images/s, peak memory (on CUDA the allocator's
+peak, on a CPU the growth of resident memory), achieved TFLOP/s and, on GPUs whose dense bf16
+peak is listed below, the model FLOPs utilisation (MFU). The FLOPs of one iteration are counted
+once, on an eager variant, with torch.utils.flop_counter (convolutions, matmuls and attention;
+elementwise work, batch norm and the optimizer count zero, as MFU conventionally has it).
+A variant that runs out of GPU memory is reported as such, and the others go on.
+--bench-profile adds where the time goes: the operators that take most of one iteration.
+"""
+
+import dataclasses
+import functools
+import gc
+import itertools
+import os
+import resource
+import threading
+import time
+
+import torch
+
+from train import GAN, UserError, check_config, device_batches, model_config, setup_processes, use_bf16
+
+VARIANTS = {  # amp (bf16 autocast), channels_last, compile, fused attention
+    "fp32": (False, False, False, True),
+    "explicit_attn": (False, False, False, False),
+    "channels_last": (False, True, False, True),
+    "bf16": (True, True, False, True),
+    "compile": (True, True, True, True),
+    "loader": None,  # the real data loader alone (--data, --workers): can it keep up?
+    "real_data": None,  # the default variant, fed by the real data loader
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, minus the level at its start
+    (sampled every 2 ms from /proc; ru_maxrss cannot be reset between variants)."""
+
+    def __enter__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self):
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self.page
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.extra = self.peak - self.base
+
+
+def next_batch_sum(batches):
+    return next(batches)[0].sum()  # something to wait for, as an iteration's stats
+
+
+def count_flops(step):
+    """FLOPs of one call of step(), counted from the operators torch dispatches (eager only:
+    a compiled graph hides its operators from the counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def time_variant(cfg, mcfg, device, spec, batches, loader_only, want_flops):
+    """Builds the variant's GAN, warms it up, times cfg.bench_iters iterations.
+    Returns (seconds per iteration, peak bytes, FLOPs of one iteration or None)."""
+    amp, channels_last, compiled, fused = spec
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        gan = GAN(dataclasses.replace(cfg, compile=compiled), mcfg, device, amp=amp,
+                  channels_last=channels_last, fused_attention=fused)
+        batches = batches(gan.memory_format)
+        step = functools.partial(next_batch_sum if loader_only else gan.iteration, batches)
+        for _ in range(3 if compiled else 2):  # warm-up: compilation, allocator, cuDNN's choice
+            step()
+        flops = count_flops(step) if want_flops and not compiled and not loader_only else None
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(cfg.bench_iters):
+            out = step()
+        out.tolist()  # waits for the device
+        seconds = (time.perf_counter() - start) / cfg.bench_iters
+    return seconds, torch.cuda.max_memory_allocated() if cuda else rss.extra, flops
+
+
+def profile_iteration(gan, batches, device, label, top=12):
+    """Prints the operators with the most self time in one iteration (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    gan.iteration(batches).tolist()  # warm-up outside the profile
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        gan.iteration(batches).tolist()
+
+    def self_us(e):  # torch >= 2.4 calls it device time; older releases only cuda time
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) if cuda \
+            else e.self_cpu_time_total
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) or 1
+    print(f"where the time goes: one iteration of {label}, self {'CUDA' if cuda else 'CPU'} time by operator, "
+          f"{total / 1000:.1f} ms in all")
+    print(f"{'operator':<52} {'ms':>9} {'share':>6} {'calls':>6}")
+    for e in events[:top]:
+        print(f"{e.key[:52]:<52} {self_us(e) / 1000:9.1f} {100 * self_us(e) / total:5.1f}% {e.count:6d}")
+
+
+def benchmark(cfg, variants=None):
+    """Time cfg.bench_iters iterations per variant, rounds interleaved; returns one row each."""
+    device, _, _ = setup_processes(cfg)
+    variants = variants or ["default"]
+    check_config(cfg, needs_data=bool({"loader", "real_data"} & set(variants)))  # else random data
+    cuda = device.type == "cuda"
+    n_classes = {"synthetic": 10, "cifar10": 10}.get(cfg.data, 1000)
+    mcfg = model_config(cfg, n_classes)
+    # "default" is what train.py would run with these flags (--precision, --channels-last, --compile).
+    table = {**VARIANTS, "default": (use_bf16(cfg, device), cfg.channels_last, cfg.compile, True)}
+    unknown = [v for v in variants if v not in table]
+    if unknown:
+        raise UserError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(table)}")
+    B = cfg.batch_size // cfg.accum
+    x = torch.rand(B, 3, cfg.size, cfg.size, device=device) * 2 - 1
+    y = torch.randint(0, max(n_classes, 1), (B,), device=device)
+    dataset = None
+    if {"loader", "real_data"} & set(variants):
+        from data import make_dataset
+        dataset = make_dataset(cfg.data, cfg.data_root or None, cfg.size)
+
+    def batches_for(name):
+        if table[name] is None:  # the real loader
+            return lambda fmt: device_batches(dataset, cfg, 0, device, fmt)
+        return lambda fmt: itertools.repeat((x.contiguous(memory_format=fmt), y))
+
+    flops, times, peaks, oom = None, {v: [] for v in variants}, {v: [] for v in variants}, set()
+    # FLOPs from the first eager variant; if every variant is compiled, from an eager twin.
+    eager = [v for v in variants if v != "loader" and not (table[v] or table["default"])[2]]
+    for _ in range(cfg.bench_rounds):
+        for name in variants:
+            if name in oom:
+                continue
+            spec = table[name] or table["default"]
+            try:
+                sec, peak, f = time_variant(cfg, mcfg, device, spec, batches_for(name), name == "loader",
+                                            want_flops=flops is None and name in eager[:1])
+            except torch.cuda.OutOfMemoryError:
+                oom.add(name)
+            else:
+                times[name].append(sec)
+                peaks[name].append(peak)
+                flops = flops if f is None else f
+            gc.collect()  # the variant's model, optimizer states and activations go before the next
+    if flops is None and set(variants) - {"loader"} - oom:
+        amp, channels_last, _, fused = table["default"]
+        try:
+            twin = GAN(dataclasses.replace(cfg, compile=False), mcfg, device, amp=amp,
+                       channels_last=channels_last, fused_attention=fused)
+            flops = count_flops(functools.partial(twin.iteration, batches_for("default")(twin.memory_format)))
+        except torch.cuda.OutOfMemoryError:
+            pass  # TFLOP/s and MFU stay unknown
+        twin = None
+        gc.collect()
+
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
+    rows = []
+    for name in variants:
+        if name in oom:
+            rows.append(dict(variant=name, out_of_memory=True))
+            continue
+        sec = sorted(times[name])[len(times[name]) // 2]
+        tflops = flops / sec / 1e12 if flops and name != "loader" else 0.0
+        # CUDA: the true peak. CPU: RSS growth, which the first variant of a process overstates
+        # (one-time allocations) and later ones understate (freed memory reused): the median.
+        peak = max(peaks[name]) if cuda else sorted(peaks[name])[len(peaks[name]) // 2]
+        rows.append(dict(variant=name, ms_per_iter=sec * 1000, images_per_s=cfg.batch_size / sec,
+                         peak_mb=peak / 2**20, tflops=tflops, mfu=tflops / peak_tflops if peak_tflops else None))
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"benchmark: size {cfg.size}, ch {cfg.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {cfg.attn}, "
+          f"{where}, torch {torch.__version__}, {cfg.bench_iters} iterations x {cfg.bench_rounds} rounds, "
+          f"{(flops or 0) / 1e12:.3f} TFLOP per iteration; peak memory is {'CUDA max allocated' if cuda else 'RSS growth'}")
+    print(f"{'variant':<14} {'ms/iter':>9} {'images/s':>9} {'peak MB':>9} {'TFLOP/s':>8} {'MFU':>6}")
+    for r in rows:
+        if r.get("out_of_memory"):
+            print(f"{r['variant']:<14} out of memory (try --accum 2, or a smaller --batch-size)")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{r['variant']:<14} {r['ms_per_iter']:9.1f} {r['images_per_s']:9.1f} {r['peak_mb']:9.0f} {r['tflops']:8.3f} {mfu:>6}")
+
+    if cfg.bench_profile:
+        name = next((v for v in variants if v != "loader" and v not in oom), None)
+        if name is None:
+            raise UserError("--bench-profile needs a variant that trains and fits in memory")
+        amp, channels_last, compiled, fused = table[name] or table["default"]
+        gan = GAN(dataclasses.replace(cfg, compile=compiled), mcfg, device, amp=amp,
+                  channels_last=channels_last, fused_attention=fused)
+        profile_iteration(gan, batches_for(name)(gan.memory_format), device, name)
+    return rows
+
+
+def benchmark_attention(cfg):
+    """Forward + backward of one SelfAttention block, fused and explicit, rounds interleaved."""
+    device, _, _ = setup_processes(cfg)
+    try:
+        B, C, H, W = (int(v) for v in cfg.bench_attention.split(","))
+    except ValueError:
+        raise UserError(f"--bench-attention takes B,C,H,W, got {cfg.bench_attention}") from None
+    from sagan import SelfAttention
+    attn = SelfAttention(C, pooled=cfg.pooled).to(device)
+    attn.gamma.data.fill_(0.5)
+    x = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    times, extra = {True: [], False: []}, {True: [], False: []}
+    for _ in range(cfg.bench_rounds):
+        for fused in (True, False):
+            attn.fused = fused
+            attn(x).sum().backward()  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            with PeakRSS() as rss:
+                start = time.perf_counter()
+                for _ in range(cfg.bench_iters):
+                    attn(x).sum().backward()
+                x.grad.sum().item()  # waits for the device
+                times[fused].append((time.perf_counter() - start) / cfg.bench_iters)
+            extra[fused].append(torch.cuda.max_memory_allocated() - base if device.type == "cuda" else rss.extra)
+    print(f"attention block, (B, C, H, W) = ({B}, {C}, {H}, {W}), pooled={cfg.pooled}, {device}, "
+          f"forward + backward, median of {cfg.bench_rounds} rounds x {cfg.bench_iters} iterations")
+    for fused in (True, False):
+        ms, mb = sorted(times[fused])[cfg.bench_rounds // 2] * 1000, max(extra[fused]) / 2**20
+        print(f"{'fused' if fused else 'explicit':<9} {ms:9.1f} ms   +{mb:7.0f} MB")
+    return times, extra
