@@ -10,9 +10,7 @@ and `real_data` variants bring the real data loader in. Several variants run sid
 process, interleaved over --bench-rounds so that a drifting machine hits them alike; the median
 round is reported. Per variant: ms/iteration, images/s, peak memory (on CUDA the allocator's
 peak, on a CPU the growth of resident memory), achieved TFLOP/s and, on GPUs whose dense bf16
-peak is listed below, the model FLOPs utilisation (MFU). The FLOPs of one iteration are counted
-once, on an eager variant, with torch.utils.flop_counter (convolutions, matmuls and attention;
-elementwise work, batch norm and the optimizer count zero, as MFU conventionally has it).
+peak is listed below, the model FLOPs utilisation (MFU), from the model's FLOPs (model_flops).
 A variant that runs out of GPU memory is reported as such, and the others go on.
 --bench-profile adds where the time goes: the operators that take most of one iteration.
 """
@@ -76,18 +74,28 @@ def next_batch_sum(batches):
     return next(batches)[0].sum()  # something to wait for, as an iteration's stats
 
 
-def count_flops(step):
-    """FLOPs of one call of step(), counted from the operators torch dispatches (eager only:
-    a compiled graph hides its operators from the counter)."""
+def model_flops(cfg, mcfg, n=2):
+    """FLOPs of one training iteration at cfg.batch_size, the same for every variant.
+
+    torch.utils.flop_counter counts the convolutions and matrix products (elementwise work, batch
+    norm and the optimizer count zero, as MFU conventionally has it) of one eager iteration on the
+    CPU for an n-image batch, with the explicit attention: its matmuls are the model's own FLOPs,
+    while the fused path adds zero-padding work and torch counts nothing for its CPU flash kernel.
+    Every counted operator is linear in the batch, so the count is scaled to the full batch.
+    """
     from torch.utils.flop_counter import FlopCounterMode
+    small = dataclasses.replace(cfg, batch_size=n, accum=1, compile=False)
+    gan = GAN(small, mcfg, torch.device("cpu"), fused_attention=False)
+    x = torch.rand(n, 3, cfg.size, cfg.size) * 2 - 1
+    y = torch.randint(0, max(mcfg.n_classes, 1), (n,))
     with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
+        gan.iteration(itertools.repeat((x, y)))
+    return counter.get_total_flops() * cfg.batch_size / n
 
 
-def time_variant(cfg, mcfg, device, spec, batches, loader_only, want_flops):
+def time_variant(cfg, mcfg, device, spec, batches, loader_only):
     """Builds the variant's GAN, warms it up, times cfg.bench_iters iterations.
-    Returns (seconds per iteration, peak bytes, FLOPs of one iteration or None)."""
+    Returns (seconds per iteration, peak bytes)."""
     amp, channels_last, compiled, fused = spec
     cuda = device.type == "cuda"
     if cuda:
@@ -100,7 +108,6 @@ def time_variant(cfg, mcfg, device, spec, batches, loader_only, want_flops):
         step = functools.partial(next_batch_sum if loader_only else gan.iteration, batches)
         for _ in range(3 if compiled else 2):  # warm-up: compilation, allocator, cuDNN's choice
             step()
-        flops = count_flops(step) if want_flops and not compiled and not loader_only else None
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -108,7 +115,7 @@ def time_variant(cfg, mcfg, device, spec, batches, loader_only, want_flops):
             out = step()
         out.tolist()  # waits for the device
         seconds = (time.perf_counter() - start) / cfg.bench_iters
-    return seconds, torch.cuda.max_memory_allocated() if cuda else rss.extra, flops
+    return seconds, torch.cuda.max_memory_allocated() if cuda else rss.extra
 
 
 def profile_iteration(gan, batches, device, label, top=12):
@@ -158,34 +165,21 @@ def benchmark(cfg, variants=None):
             return lambda fmt: device_batches(dataset, cfg, 0, device, fmt)
         return lambda fmt: itertools.repeat((x.contiguous(memory_format=fmt), y))
 
-    flops, times, peaks, oom = None, {v: [] for v in variants}, {v: [] for v in variants}, set()
-    # FLOPs from the first eager variant; if every variant is compiled, from an eager twin.
-    eager = [v for v in variants if v != "loader" and not (table[v] or table["default"])[2]]
+    flops = model_flops(cfg, mcfg) if set(variants) - {"loader"} else None
+    times, peaks, oom = {v: [] for v in variants}, {v: [] for v in variants}, set()
     for _ in range(cfg.bench_rounds):
         for name in variants:
             if name in oom:
                 continue
             spec = table[name] or table["default"]
             try:
-                sec, peak, f = time_variant(cfg, mcfg, device, spec, batches_for(name), name == "loader",
-                                            want_flops=flops is None and name in eager[:1])
+                sec, peak = time_variant(cfg, mcfg, device, spec, batches_for(name), name == "loader")
             except torch.cuda.OutOfMemoryError:
                 oom.add(name)
             else:
                 times[name].append(sec)
                 peaks[name].append(peak)
-                flops = flops if f is None else f
             gc.collect()  # the variant's model, optimizer states and activations go before the next
-    if flops is None and set(variants) - {"loader"} - oom:
-        amp, channels_last, _, fused = table["default"]
-        try:
-            twin = GAN(dataclasses.replace(cfg, compile=False), mcfg, device, amp=amp,
-                       channels_last=channels_last, fused_attention=fused)
-            flops = count_flops(functools.partial(twin.iteration, batches_for("default")(twin.memory_format)))
-        except torch.cuda.OutOfMemoryError:
-            pass  # TFLOP/s and MFU stay unknown
-        twin = None
-        gc.collect()
 
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
     rows = []
