@@ -194,7 +194,9 @@ def benchmark(cfg, variants=None):
         peak = max(peaks[name]) if cuda else sorted(peaks[name])[len(peaks[name]) // 2]
         rows.append(dict(variant=name, ms_per_iter=sec * 1000, images_per_s=cfg.batch_size / sec,
                          peak_mb=peak / 2**20, tflops=tflops, mfu=tflops / peak_tflops if peak_tflops else None))
-    where = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    # On CUDA, "fp32" is PyTorch's default: convolutions may use TF32 tensor cores, matmuls not.
+    where = f"{torch.cuda.get_device_name(device)} (TF32 convolutions {torch.backends.cudnn.allow_tf32}, " \
+        f"matmuls {torch.backends.cuda.matmul.allow_tf32})" if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"benchmark: size {cfg.size}, ch {cfg.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {cfg.attn}, "
           f"{where}, torch {torch.__version__}, {cfg.bench_iters} iterations x {cfg.bench_rounds} rounds, "
           f"{(flops or 0) / 1e12:.3f} TFLOP per iteration; peak memory is {'CUDA max allocated' if cuda else 'RSS growth'}")
