@@ -13,6 +13,8 @@ peak, on a CPU the growth of resident memory), achieved TFLOP/s and, on GPUs who
 peak is listed below, the model FLOPs utilisation (MFU), from the model's FLOPs (model_flops).
 A variant that runs out of GPU memory is reported as such, and the others go on.
 --bench-profile adds where the time goes: the operators that take most of one iteration.
+
+`python evaluate.py --benchmark` times the metrics the same way (metrics_speed, at the end).
 """
 
 import dataclasses
@@ -252,3 +254,30 @@ def benchmark_attention(cfg):
         ms, mb = sorted(times[fused])[cfg.bench_rounds // 2] * 1000, max(extra[fused]) / 2**20
         print(f"{'fused' if fused else 'explicit':<9} {ms:9.1f} ms   +{mb:7.0f} MB")
     return times, extra
+
+
+def metrics_speed(cfg, device):
+    """`python evaluate.py --benchmark`: Inception feature throughput (images/s; it does not depend
+    on the weights, so random ones do where the real file is missing) and the time of one
+    frechet_distance at d = 2048. cfg is evaluate.EvalConfig."""
+    from evaluate import FIDInception, frechet_distance, inception_outputs, load_inception
+    net = load_inception(cfg.inception_weights, device) if cfg.inception_weights else FIDInception().eval().to(device)
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.size, cfg.size), dtype=torch.uint8, device=device)
+    inception_outputs(net, [images], cfg.batch_size, device, progress=False)  # warm-up: allocator, cuDNN
+    start = time.perf_counter()
+    inception_outputs(net, [images] * cfg.bench_batches, cfg.batch_size * cfg.bench_batches, device, progress=False)
+    rate = cfg.batch_size * cfg.bench_batches / (time.perf_counter() - start)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    a, b = (torch.randn(2048, 4096, generator=gen, dtype=torch.float64) for _ in range(2))
+    stats = [(torch.randn(2048, generator=gen, dtype=torch.float64), x @ x.T / 4096) for x in (a, b)]
+    seconds = []
+    for _ in range(4):  # the first call pays one-time costs (LAPACK's threads and workspaces)
+        start = time.perf_counter()
+        frechet_distance(*stats[0], *stats[1])
+        seconds.append(time.perf_counter() - start)
+    seconds = sorted(seconds[1:])[1]
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"Inception features: {rate:.1f} images/s ({cfg.size}x{cfg.size} uint8 -> 299, batch {cfg.batch_size}, "
+          f"fp32 without TF32, {where}, torch {torch.__version__})")
+    print(f"frechet_distance at d = 2048: {seconds:.2f} s (float64, CPU, the median of 3 calls after one)")
+    return rate, seconds

@@ -552,38 +552,14 @@ def _device(name):
     return device
 
 
-def benchmark(cfg, device):
-    """Speed only: Inception feature throughput (images/s; it does not depend on the weights, so
-    random ones do where the real file is missing) and the time of one frechet_distance at d = 2048."""
-    net = load_inception(cfg.inception_weights, device) if cfg.inception_weights else FIDInception().eval().to(device)
-    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.size, cfg.size), dtype=torch.uint8, device=device)
-    inception_outputs(net, [images], cfg.batch_size, device, progress=False)  # warm-up: allocator, cuDNN
-    start = time.perf_counter()
-    inception_outputs(net, [images] * cfg.bench_batches, cfg.batch_size * cfg.bench_batches, device, progress=False)
-    rate = cfg.batch_size * cfg.bench_batches / (time.perf_counter() - start)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    a, b = (torch.randn(2048, 4096, generator=gen, dtype=torch.float64) for _ in range(2))
-    stats = [(torch.randn(2048, generator=gen, dtype=torch.float64), x @ x.T / 4096) for x in (a, b)]
-    seconds = []
-    for _ in range(4):  # the first call pays one-time costs (LAPACK's threads and workspaces)
-        start = time.perf_counter()
-        frechet_distance(*stats[0], *stats[1])
-        seconds.append(time.perf_counter() - start)
-    seconds = sorted(seconds[1:])[1]
-    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"Inception features: {rate:.1f} images/s ({cfg.size}x{cfg.size} uint8 -> 299, batch {cfg.batch_size}, "
-          f"fp32 without TF32, {where}, torch {torch.__version__})")
-    print(f"frechet_distance at d = 2048: {seconds:.2f} s (float64, CPU, the median of 3 calls after one)")
-    return rate, seconds
-
-
 def evaluate(cfg):
     """Does what an EvalConfig asks; the module docstring lists the modes."""
     for name in ("n", "batch_size", "k", "splits", "bench_batches", "size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.benchmark:
-        return benchmark(cfg, _device(cfg.device))
+    if cfg.benchmark:  # speed only: benchmark.py
+        import benchmark
+        return benchmark.metrics_speed(cfg, _device(cfg.device))
     if sum(map(bool, (cfg.ckpt, cfg.images, cfg.data))) != 1:
         raise UserError("give one source of images: --ckpt RUN/ckpt.pt, --images DIR|FILE.npy or --data SOURCE")
     if (cfg.attention or cfg.grid) and not cfg.ckpt:
