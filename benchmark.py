@@ -1,20 +1,24 @@
-"""Speed and memory of SAGAN training, run as `python train.py --benchmark ...`.
+"""Speed and memory of SAGAN training and of its metrics, several variants side by side.
 
-    python train.py --benchmark --size 128 --batch-size 16 --bench-variants default,fp32,explicit_attn
-    python train.py --benchmark --size 128 --batch-size 256 --bench-variants fp32,default --bench-profile
-    python train.py --benchmark --bench-attention 4,128,64,64 --bench-rounds 7 --bench-iters 3
+    python benchmark.py --size 128 --batch-size 16 --variants default,fp32,explicit_attn
+    python benchmark.py --data imagenet --batch-size 256 --variants fp32,default --profile
+    python benchmark.py --attention 4,128,64,64 --rounds 7 --iters 3
+    python benchmark.py --metrics --size 128 --batch-size 50
 
 Whole training iterations (the D steps and the G step of train.GAN.iteration, optimizer steps
 included) are timed on one fixed random batch, so nothing but the model is measured; the `loader`
 and `real_data` variants bring the real data loader in. Several variants run side by side in one
-process, interleaved over --bench-rounds so that a drifting machine hits them alike; the median
+process, interleaved over --rounds so that a drifting machine hits them alike; the median
 round is reported. Per variant: ms/iteration, images/s, peak memory (on CUDA the allocator's
 peak, on a CPU the growth of resident memory), achieved TFLOP/s and, on GPUs whose dense bf16
 peak is listed below, the model FLOPs utilisation (MFU), from the model's FLOPs (model_flops).
 A variant that runs out of GPU memory is reported as such, and the others go on.
---bench-profile adds where the time goes: the operators that take most of one iteration.
+--profile adds where the time goes: the operators that take most of one iteration.
+--attention times one attention block, fused against explicit; --metrics times the Inception
+features and the Frechet distance of evaluate.py (metrics_speed, at the end).
 
-`python evaluate.py --benchmark` times the metrics the same way (metrics_speed, at the end).
+The flags are train.py's (the same presets: --data, --size, --batch-size, ...) plus BenchConfig's.
+This file sits on top of the others: nothing imports it.
 """
 
 import dataclasses
@@ -23,12 +27,30 @@ import gc
 import itertools
 import os
 import resource
+import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torch.profiler import ProfilerActivity, profile
 
-from train import GAN, UserError, check_config, device_batches, model_config, setup_processes, use_bf16
+from data import UserError, make_dataset
+from evaluate import FIDInception, device_of, frechet_distance, inception_outputs, load_inception
+from sagan import SelfAttention
+from train import GAN, TrainConfig, check_config, device_batches, opt, parse_config, setup_processes, use_bf16
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    variants: str = opt("default", "side by side, e.g. default,fp32,channels_last,bf16,compile,explicit_attn,loader,real_data")
+    iters: int = opt(10, "timed iterations per variant and round (with --metrics: timed Inception batches)")
+    rounds: int = opt(1, "repeat the variants, interleaved; the median is reported")
+    profile: bool = opt(False, "also print the operators that take most of one iteration's time")
+    attention: str = opt("", "B,C,H,W: time one attention block's forward + backward, fused vs explicit")
+    metrics: bool = opt(False, "time Inception features on random --size images and the Frechet distance at "
+                               "d = 2048 (random weights unless --inception-weights)")
 
 VARIANTS = {  # amp (bf16 autocast), channels_last, compile, fused attention
     "fp32": (False, False, False, True),
@@ -85,10 +107,9 @@ def model_flops(cfg, mcfg, n=2):
     while the fused path adds zero-padding work and torch counts nothing for its CPU flash kernel.
     Every counted operator is linear in the batch, so the count is scaled to the full batch.
     """
-    from torch.utils.flop_counter import FlopCounterMode
     small = dataclasses.replace(cfg, batch_size=n, accum=1, compile=False)
     gan = GAN(small, mcfg, torch.device("cpu"), fused_attention=False)
-    x = torch.rand(n, 3, cfg.size, cfg.size) * 2 - 1
+    x = torch.rand(n, 3, mcfg.size, mcfg.size) * 2 - 1
     y = torch.randint(0, max(mcfg.n_classes, 1), (n,))
     with FlopCounterMode(display=False) as counter:
         gan.iteration(itertools.repeat((x, y)))
@@ -96,7 +117,7 @@ def model_flops(cfg, mcfg, n=2):
 
 
 def time_variant(cfg, mcfg, device, spec, batches, loader_only):
-    """Builds the variant's GAN, warms it up, times cfg.bench_iters iterations.
+    """Builds the variant's GAN, warms it up, times cfg.iters iterations.
     Returns (seconds per iteration, peak bytes)."""
     amp, channels_last, compiled, fused = spec
     cuda = device.type == "cuda"
@@ -113,16 +134,15 @@ def time_variant(cfg, mcfg, device, spec, batches, loader_only):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(cfg.bench_iters):
+        for _ in range(cfg.iters):
             out = step()
         out.tolist()  # waits for the device
-        seconds = (time.perf_counter() - start) / cfg.bench_iters
+        seconds = (time.perf_counter() - start) / cfg.iters
     return seconds, torch.cuda.max_memory_allocated() if cuda else rss.extra
 
 
 def profile_iteration(gan, batches, device, label, top=12):
     """Prints the operators with the most self time in one iteration (device time on CUDA)."""
-    from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     gan.iteration(batches).tolist()  # warm-up outside the profile
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -142,25 +162,24 @@ def profile_iteration(gan, batches, device, label, top=12):
 
 
 def benchmark(cfg, variants=None):
-    """Time cfg.bench_iters iterations per variant, rounds interleaved; returns one row each."""
+    """Time cfg.iters iterations per variant, rounds interleaved; returns one row each."""
     device, _, _ = setup_processes(cfg)
-    variants = variants or ["default"]
+    variants = variants or [v for v in cfg.variants.split(",") if v]
     check_config(cfg, needs_data=bool({"loader", "real_data"} & set(variants)))  # else random data
     cuda = device.type == "cuda"
     n_classes = {"synthetic": 10, "cifar10": 10}.get(cfg.data, 1000)
-    mcfg = model_config(cfg, n_classes)
+    mcfg = dataclasses.replace(cfg.model, n_classes=n_classes)
     # "default" is what train.py would run with these flags (--precision, --channels-last, --compile).
     table = {**VARIANTS, "default": (use_bf16(cfg, device), cfg.channels_last, cfg.compile, True)}
     unknown = [v for v in variants if v not in table]
     if unknown:
         raise UserError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(table)}")
     B = cfg.batch_size // cfg.accum
-    x = torch.rand(B, 3, cfg.size, cfg.size, device=device) * 2 - 1
+    x = torch.rand(B, 3, mcfg.size, mcfg.size, device=device) * 2 - 1
     y = torch.randint(0, max(n_classes, 1), (B,), device=device)
     dataset = None
     if {"loader", "real_data"} & set(variants):
-        from data import make_dataset
-        dataset = make_dataset(cfg.data, cfg.data_root or None, cfg.size)
+        dataset = make_dataset(cfg.data, cfg.data_root or None, mcfg.size)
 
     def batches_for(name):
         if table[name] is None:  # the real loader
@@ -169,7 +188,7 @@ def benchmark(cfg, variants=None):
 
     flops = model_flops(cfg, mcfg) if set(variants) - {"loader"} else None
     times, peaks, oom = {v: [] for v in variants}, {v: [] for v in variants}, set()
-    for _ in range(cfg.bench_rounds):
+    for _ in range(cfg.rounds):
         for name in variants:
             if name in oom:
                 continue
@@ -199,8 +218,8 @@ def benchmark(cfg, variants=None):
     # On CUDA, "fp32" is PyTorch's default: convolutions may use TF32 tensor cores, matmuls not.
     where = f"{torch.cuda.get_device_name(device)} (TF32 convolutions {torch.backends.cudnn.allow_tf32}, " \
         f"matmuls {torch.backends.cuda.matmul.allow_tf32})" if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"benchmark: size {cfg.size}, ch {cfg.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {cfg.attn}, "
-          f"{where}, torch {torch.__version__}, {cfg.bench_iters} iterations x {cfg.bench_rounds} rounds, "
+    print(f"benchmark: size {mcfg.size}, ch {mcfg.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {mcfg.attn}, "
+          f"{where}, torch {torch.__version__}, {cfg.iters} iterations x {cfg.rounds} rounds, "
           f"{(flops or 0) / 1e12:.3f} TFLOP per iteration; peak memory is {'CUDA max allocated' if cuda else 'RSS growth'}")
     print(f"{'variant':<14} {'ms/iter':>9} {'images/s':>9} {'peak MB':>9} {'TFLOP/s':>8} {'MFU':>6}")
     for r in rows:
@@ -210,10 +229,10 @@ def benchmark(cfg, variants=None):
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"{r['variant']:<14} {r['ms_per_iter']:9.1f} {r['images_per_s']:9.1f} {r['peak_mb']:9.0f} {r['tflops']:8.3f} {mfu:>6}")
 
-    if cfg.bench_profile:
+    if cfg.profile:
         name = next((v for v in variants if v != "loader" and v not in oom), None)
         if name is None:
-            raise UserError("--bench-profile needs a variant that trains and fits in memory")
+            raise UserError("--profile needs a variant that trains and fits in memory")
         amp, channels_last, compiled, fused = table[name] or table["default"]
         gan = GAN(dataclasses.replace(cfg, compile=compiled), mcfg, device, amp=amp,
                   channels_last=channels_last, fused_attention=fused)
@@ -225,17 +244,16 @@ def benchmark_attention(cfg):
     """Forward + backward of one SelfAttention block, fused and explicit, rounds interleaved."""
     device, _, _ = setup_processes(cfg)
     try:
-        B, C, H, W = (int(v) for v in cfg.bench_attention.split(","))
+        B, C, H, W = (int(v) for v in cfg.attention.split(","))
     except ValueError:
-        raise UserError(f"--bench-attention takes B,C,H,W, got {cfg.bench_attention}") from None
-    from sagan import SelfAttention
-    attn = SelfAttention(C, pooled=cfg.pooled).to(device)
+        raise UserError(f"--attention takes B,C,H,W, got {cfg.attention}") from None
+    attn = SelfAttention(C, pooled=cfg.model.pooled).to(device)
     attn.gamma.data.fill_(0.5)
     x = torch.randn(B, C, H, W, device=device, requires_grad=True)
     times, extra = {True: [], False: []}, {True: [], False: []}
-    for _ in range(cfg.bench_rounds):
+    for _ in range(cfg.rounds):
         for fused in (True, False):
-            attn.fused = fused
+            attn.use_fused = fused
             attn(x).sum().backward()  # warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -243,30 +261,30 @@ def benchmark_attention(cfg):
                 torch.cuda.reset_peak_memory_stats()
             with PeakRSS() as rss:
                 start = time.perf_counter()
-                for _ in range(cfg.bench_iters):
+                for _ in range(cfg.iters):
                     attn(x).sum().backward()
                 x.grad.sum().item()  # waits for the device
-                times[fused].append((time.perf_counter() - start) / cfg.bench_iters)
+                times[fused].append((time.perf_counter() - start) / cfg.iters)
             extra[fused].append(torch.cuda.max_memory_allocated() - base if device.type == "cuda" else rss.extra)
-    print(f"attention block, (B, C, H, W) = ({B}, {C}, {H}, {W}), pooled={cfg.pooled}, {device}, "
-          f"forward + backward, median of {cfg.bench_rounds} rounds x {cfg.bench_iters} iterations")
+    print(f"attention block, (B, C, H, W) = ({B}, {C}, {H}, {W}), pooled={cfg.model.pooled}, {device}, "
+          f"forward + backward, median of {cfg.rounds} rounds x {cfg.iters} iterations")
     for fused in (True, False):
-        ms, mb = sorted(times[fused])[cfg.bench_rounds // 2] * 1000, max(extra[fused]) / 2**20
+        ms, mb = sorted(times[fused])[cfg.rounds // 2] * 1000, max(extra[fused]) / 2**20
         print(f"{'fused' if fused else 'explicit':<9} {ms:9.1f} ms   +{mb:7.0f} MB")
     return times, extra
 
 
-def metrics_speed(cfg, device):
-    """`python evaluate.py --benchmark`: Inception feature throughput (images/s; it does not depend
-    on the weights, so random ones do where the real file is missing) and the time of one
-    frechet_distance at d = 2048. cfg is evaluate.EvalConfig."""
-    from evaluate import FIDInception, frechet_distance, inception_outputs, load_inception
+def metrics_speed(cfg):
+    """--metrics: Inception feature throughput (images/s; it does not depend on the weights, so
+    random ones do where the real file is missing) and the time of one frechet_distance at d = 2048."""
+    device = device_of(cfg.device)
     net = load_inception(cfg.inception_weights, device) if cfg.inception_weights else FIDInception().eval().to(device)
-    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.size, cfg.size), dtype=torch.uint8, device=device)
+    size = cfg.model.size
+    images = torch.randint(0, 256, (cfg.batch_size, 3, size, size), dtype=torch.uint8, device=device)
     inception_outputs(net, [images], cfg.batch_size, device, progress=False)  # warm-up: allocator, cuDNN
     start = time.perf_counter()
-    inception_outputs(net, [images] * cfg.bench_batches, cfg.batch_size * cfg.bench_batches, device, progress=False)
-    rate = cfg.batch_size * cfg.bench_batches / (time.perf_counter() - start)
+    inception_outputs(net, [images] * cfg.iters, cfg.batch_size * cfg.iters, device, progress=False)
+    rate = cfg.batch_size * cfg.iters / (time.perf_counter() - start)
     gen = torch.Generator().manual_seed(cfg.seed)
     a, b = (torch.randn(2048, 4096, generator=gen, dtype=torch.float64) for _ in range(2))
     stats = [(torch.randn(2048, generator=gen, dtype=torch.float64), x @ x.T / 4096) for x in (a, b)]
@@ -277,7 +295,29 @@ def metrics_speed(cfg, device):
         seconds.append(time.perf_counter() - start)
     seconds = sorted(seconds[1:])[1]
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"Inception features: {rate:.1f} images/s ({cfg.size}x{cfg.size} uint8 -> 299, batch {cfg.batch_size}, "
+    print(f"Inception features: {rate:.1f} images/s ({size}x{size} uint8 -> 299, batch {cfg.batch_size}, "
           f"fp32 without TF32, {where}, torch {torch.__version__})")
     print(f"frechet_distance at d = 2048: {seconds:.2f} s (float64, CPU, the median of 3 calls after one)")
     return rate, seconds
+
+
+def main(argv=None):
+    try:
+        cfg, _ = parse_config(argv, BenchConfig)
+        for name in ("iters", "rounds"):
+            if getattr(cfg, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+        if cfg.attention:
+            benchmark_attention(cfg)
+        elif cfg.metrics:
+            metrics_speed(cfg)
+        else:
+            benchmark(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

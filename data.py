@@ -41,8 +41,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".g
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-class DataError(Exception):
-    """A problem with the user's data or arguments; the message is one line for the terminal."""
+class UserError(Exception):
+    """A mistake in the command line or in the files it names (data, checkpoints, statistics):
+    the scripts print it as one line starting with "error:" and exit with code 2. The one error
+    type of the project, defined here at the bottom of the imports (sagan.py raises ValueError)."""
 
 
 class ImageSet(Dataset):
@@ -210,9 +212,9 @@ def scan(root):
     """
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data root {root} does not exist")
+        raise UserError(f"data root {root} does not exist")
     if not root.is_dir():
-        raise DataError(f"data root {root} is not a directory")
+        raise UserError(f"data root {root} is not a directory")
     top, by_class, skipped = [], {}, []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -246,12 +248,12 @@ class ImageFolder(ImageSet):
         self.bad = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
         if not self.files:
             detail = f" ({self.summary})" if self.scan_skipped else ""
-            raise DataError(f"no images found under {root}{detail}")
+            raise UserError(f"no images found under {root}{detail}")
         if require_classes and not self.classes:
-            raise DataError(f"{root} has images but no class subfolders; expected an ImageNet-"
+            raise UserError(f"{root} has images but no class subfolders; expected an ImageNet-"
                             "style train directory with one subfolder per class (synset)")
         if require_classes and "train" in self.classes:
-            raise DataError(f"{root} looks like the dataset's top folder (it has a 'train' "
+            raise UserError(f"{root} looks like the dataset's top folder (it has a 'train' "
                             f"subfolder); pass {self.root / 'train'}")
         self.labels = np.array(labels, dtype=np.int64)
         self.n_classes = len(self.classes)
@@ -270,7 +272,7 @@ class ImageFolder(ImageSet):
             except Exception as err:  # decoders raise OSError, ValueError, SyntaxError, ...
                 self.bad[i] = True
                 warnings.warn(f"skipping unreadable image {self.files[i]}: {err}", stacklevel=2)
-        raise DataError(f"none of the {len(self.files)} images under {self.root} can be read")
+        raise UserError(f"none of the {len(self.files)} images under {self.root} can be read")
 
     @property
     def skipped(self):
@@ -293,7 +295,7 @@ class Cifar10(ImageSet):
             train = torchvision.datasets.CIFAR10(root, train=True, download=True)
         except Exception as err:  # offline: URLError; partial download: RuntimeError, ReadError
             reason = " ".join(str(err).split())  # keep the message on one line
-            raise DataError(f"CIFAR-10 is not in {root} and could not be downloaded ({reason}); "
+            raise UserError(f"CIFAR-10 is not in {root} and could not be downloaded ({reason}); "
                             f"on a machine with internet, fetch {CIFAR10_URL} and extract it into "
                             f"{root}") from None
         self.data = train.data  # (50000, 32, 32, 3) uint8
@@ -318,13 +320,13 @@ class Prepared(ImageSet):
         try:
             meta = json.loads((self.root / "meta.json").read_text())
         except (OSError, ValueError) as err:
-            raise DataError(f"no prepared data in {root} ({err}); create it with "
+            raise UserError(f"no prepared data in {root} ({err}); create it with "
                             f"python data.py prepare --out {root} ...") from None
         if not isinstance(meta, dict) or meta.get("format") != "sagan-prepared" \
                 or meta.get("version") != 1:
-            raise DataError(f"{root}/meta.json is not from this version of data.py prepare")
+            raise UserError(f"{root}/meta.json is not from this version of data.py prepare")
         if meta["size"] != size:
-            raise DataError(f"prepared data in {root} is {meta['size']}x{meta['size']}, not "
+            raise UserError(f"prepared data in {root} is {meta['size']}x{meta['size']}, not "
                             f"{size}x{size}; prepare it again with --size {size}")
         n = meta["count"]
         try:
@@ -333,7 +335,7 @@ class Prepared(ImageSet):
         except (OSError, ValueError):
             complete = False
         if not complete:
-            raise DataError(f"prepared data in {root} is incomplete; prepare it again")
+            raise UserError(f"prepared data in {root} is incomplete; prepare it again")
         self.n_classes = meta["n_classes"]
 
     def _open(self):
@@ -356,22 +358,22 @@ def make_dataset(source, root, size, flip=False, length=None):
     """The dataset for a source in SOURCES; see the module docstring for what each item is.
 
     root: data folder (cifar10 default "./data"; unused by synthetic). length: number of
-    synthetic images (default 50,000). Raises DataError for any problem with the user's data.
+    synthetic images (default 50,000). Raises UserError for any problem with the user's data.
     """
     if source not in SOURCES:
-        raise DataError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+        raise UserError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
     if not isinstance(size, int) or size < 1:
-        raise DataError(f"image size must be a positive integer, got {size!r}")
+        raise UserError(f"image size must be a positive integer, got {size!r}")
     if length is not None and source != "synthetic":
-        raise DataError(f"a length only applies to synthetic data, not to {source}")
+        raise UserError(f"a length only applies to synthetic data, not to {source}")
     if length is not None and length < 1:
-        raise DataError(f"the synthetic length must be positive, got {length}")
+        raise UserError(f"the synthetic length must be positive, got {length}")
     if source == "synthetic":
         return Synthetic(size, flip, 50_000 if length is None else length)
     if source == "cifar10":
         return Cifar10(root or "./data", size, flip)
     if not root:
-        raise DataError(f"data source {source} needs a data root (--data-root)")
+        raise UserError(f"data source {source} needs a data root (--data-root)")
     if source == "prepared":
         return Prepared(root, size, flip)
     return ImageFolder(root, size, flip, require_classes=source == "imagenet")
@@ -401,7 +403,7 @@ def prepare(source, root, size, out, workers=4, length=None, batch_size=256, log
     Returns the dataset that was read, for its summary of skipped files.
     """
     if source == "prepared":
-        raise DataError("prepared data is what prepare writes; choose one of "
+        raise UserError("prepared data is what prepare writes; choose one of "
                         + ", ".join(SOURCES[:-1]))
     dataset = make_dataset(source, root, size, length=length)
     out = Path(out)
@@ -411,7 +413,7 @@ def prepare(source, root, size, out, workers=4, length=None, batch_size=256, log
         images = np.lib.format.open_memmap(out / "images.npy.tmp", mode="w+", dtype=np.uint8,
                                            shape=(len(dataset), size, size, 3))
     except OSError as err:
-        raise DataError(f"cannot write to {out}: {err}") from None
+        raise UserError(f"cannot write to {out}: {err}") from None
     labels = np.zeros(len(dataset), dtype=np.int64)
     loader = DataLoader(_Pixels(dataset), batch_size=batch_size, num_workers=workers)
     done, start, last = 0, time.time(), 0.0
@@ -452,9 +454,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.workers < 0:
-            raise DataError("--workers must be >= 0")
+            raise UserError("--workers must be >= 0")
         dataset = prepare(args.data, args.data_root, args.size, args.out, args.workers, args.length)
-    except DataError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if dataset.summary:

@@ -4,9 +4,9 @@
     python evaluate.py --make-ref-stats train.npz --data imagenet --data-root DIR --size 128
     python evaluate.py --ckpt runs/x/ckpt.pt --attention attn.png  # Figure 5: where G looks
     python evaluate.py --ckpt runs/x/ckpt.pt --grid grid.png --classes 1,207,980
-    python evaluate.py --benchmark --batch-size 200    # speed: Inception images/s, FID at d = 2048
 
-Reference protocol (the one behind published IS and FID; SAGAN_NOTES section 6)
+Reference protocol (the one behind published IS and FID: TTUR's and improved-gan's TensorFlow
+code, which torch-fidelity re-implements)
     Network  the 2015-12-05 TensorFlow Inception graph as ported by pytorch-fid (weights file
              pt_inception-2015-12-05-6726825d.pth, hash-checked on download). Not torchvision's
              ImageNet Inception, a different network (CIFAR-10 IS ~9.5 with it instead of ~11.2).
@@ -20,12 +20,14 @@ Reference protocol (the one behind published IS and FID; SAGAN_NOTES section 6)
     Samples  50k generated images, labels uniform over the classes, against statistics of the
              training set (say which). FID is biased in N: compare numbers only at equal N.
 
-Differences from the reference code
-    1. tr sqrt(S1 S2) comes from the eigenvalues of a symmetric matrix similar to S1 S2, not
-       from scipy's sqrtm (frechet_distance): the same value to ~1e-12 relative, ~10x faster.
-    2. pytorch-fid resizes with torch's bilinear interpolate (its FID is ~0.1 % off TF's); we
-       reproduce TF 1.x's resize, so numbers compare with the papers'.
-    3. Figure 5 is drawn our way, as the paper does not say how (attention_figure).
+Where this code departs from the reference code: tr sqrt(S1 S2) comes from the eigenvalues of
+a symmetric matrix similar to S1 S2, not from scipy's sqrtm (frechet_distance: the same value to
+~1e-12 relative, ~10x faster); the input is resized as TF 1.x does (pytorch-fid uses torch's
+bilinear interpolate on 2x/255 - 1, so its FID differs from TF's by about 0.1-0.2 %); Figure 5
+is drawn our way, since the paper does not say how (attention_figure).
+
+The file also reads train.py's checkpoints (load_checkpoint, load_generator): training imports
+this file, never the other way round.
 """
 
 import argparse
@@ -42,18 +44,17 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 from torchvision.utils import make_grid, save_image
 
+import data
+from data import UserError
 from sagan import Generator, ModelConfig
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
-
-
-class UserError(Exception):
-    """A mistake in the command line or the files it names: printed as one line, exit code 2."""
 
 
 def _first_line(e, limit=200):
@@ -299,15 +300,30 @@ def load_stats(path, dim=2048):
     return mu, sigma
 
 
-# --- Generator samples and their metrics ------------------------------------------------------
+# --- Checkpoints, generator samples and their metrics -----------------------------------------
+
+CKPT_FORMAT, CKPT_VERSION = "sagan-checkpoint", 1  # train.GAN.state writes them
+
+
+def load_checkpoint(path):
+    """Load and validate a checkpoint; every way it can be wrong is one clear UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, a foreign pickle, code the safe unpickler refuses
+        raise UserError(f"{path} is not a readable sagan checkpoint (truncated, corrupt or unsafe): "
+                        f"{_first_line(e)}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise UserError(f"{path} is not a sagan checkpoint")
+    if ckpt.get("version") != CKPT_VERSION:
+        raise UserError(f"{path} has checkpoint format version {ckpt.get('version')}; this code reads version {CKPT_VERSION}")
+    return ckpt
+
 
 def _from_checkpoint(path, device, ema):
     """(G in eval mode, ModelConfig, "G_ema" or "G", step) from a train.py checkpoint."""
-    import train  # not at the top: train.py imports this module for --eval-every
-    try:
-        ckpt = train.load_checkpoint(path)
-    except train.UserError as e:
-        raise UserError(str(e)) from None
+    ckpt = load_checkpoint(path)
     cfg, name = ModelConfig(**ckpt["model"]), "G_ema" if ema and ckpt.get("G_ema") is not None else "G"
     G = Generator(cfg)
     G.load_state_dict(ckpt[name])
@@ -354,9 +370,8 @@ def compute_metrics(G, inception, n, ref_stats=None, batch_size=50, device="cpu"
 # --- Real images: a folder, a uint8 .npy or a data.py source ----------------------------------
 
 def _read_images(files):
-    """uint8 (B, 3, H, W) from image files; mixed sizes are resized to 299 here, to make one batch."""
-    import data  # its to_rgb converts 16-bit, palette and transparent images correctly
-    from PIL import Image
+    """uint8 (B, 3, H, W) from image files; mixed sizes are resized to 299 here, to make one batch.
+    data.to_rgb converts 16-bit, palette and transparent images correctly."""
     try:
         images = [torch.from_numpy(np.array(data.to_rgb(Image.open(f)))).permute(2, 0, 1) for f in files]
     except OSError as e:
@@ -385,13 +400,9 @@ def real_images(source, n, batch_size, seed=0, data_root="", size=128):
             raise UserError(f"no images ({' '.join(exts)}) in {source}")
         total, read = len(files), lambda idx: _read_images([files[i] for i in idx])
     else:
-        import data
         if source not in data.SOURCES:
             raise UserError(f"{source} is not a folder, a .npy file or a data source ({', '.join(data.SOURCES)})")
-        try:
-            ds = data.make_dataset(source, data_root, size)
-        except data.DataError as e:
-            raise UserError(str(e)) from None
+        ds = data.make_dataset(source, data_root, size)
         total, read = len(ds), lambda idx: quantize(torch.stack([ds[i][0] for i in idx]))  # [-1, 1] to bytes
     idx = np.arange(total) if n >= total else np.sort(np.random.RandomState(seed).permutation(total)[:n])
     return len(idx), (read(idx[i:i + batch_size]) for i in range(0, len(idx), batch_size))
@@ -495,9 +506,6 @@ class EvalConfig:
     k: int = _arg(4, "images for --attention; samples per class for --grid")
     grid: str = _arg("", "write a sample grid, a row per class, to this PNG")
     classes: str = _arg("", 'classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)')
-    benchmark: bool = _arg(False, "time Inception features on random --size images and the Frechet distance "
-                                  "at d = 2048, then exit (random weights unless --inception-weights)")
-    bench_batches: int = _arg(4, "batches of --batch-size that --benchmark times, after one warm-up batch")
 
 
 def build_parser():
@@ -545,7 +553,7 @@ def _write_pictures(cfg, G, mcfg, device):
         print(f"wrote {cfg.grid}")
 
 
-def _device(name):
+def device_of(name):
     device = name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and not torch.cuda.is_available()):
         raise UserError(f"--device {name}: use auto, cpu, or cuda[:N] where CUDA is available")
@@ -554,17 +562,14 @@ def _device(name):
 
 def evaluate(cfg):
     """Does what an EvalConfig asks; the module docstring lists the modes."""
-    for name in ("n", "batch_size", "k", "splits", "bench_batches", "size"):
+    for name in ("n", "batch_size", "k", "splits", "size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.benchmark:  # speed only: benchmark.py
-        import benchmark
-        return benchmark.metrics_speed(cfg, _device(cfg.device))
     if sum(map(bool, (cfg.ckpt, cfg.images, cfg.data))) != 1:
         raise UserError("give one source of images: --ckpt RUN/ckpt.pt, --images DIR|FILE.npy or --data SOURCE")
     if (cfg.attention or cfg.grid) and not cfg.ckpt:
         raise UserError("--attention and --grid draw samples of a generator: give --ckpt")
-    device = _device(cfg.device)
+    device = device_of(cfg.device)
     ref = load_stats(cfg.ref_stats) if cfg.ref_stats else None  # fail before the long part
     result = {"n": cfg.n, "source": cfg.ckpt or cfg.images or cfg.data, "ref_stats": cfg.ref_stats or None}
     if cfg.ckpt:

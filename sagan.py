@@ -1,103 +1,53 @@
 """Self-Attention Generative Adversarial Networks: the model, in one file.
 
-Zhang, Goodfellow, Metaxas, Odena, "Self-Attention Generative Adversarial Networks",
-ICML 2019 (arXiv 1805.08318). The layout follows the released code that produced the paper's
-numbers (brain-research/self-attention-gan) as re-implemented by BigGAN-PyTorch's SA-GAN
-script: ResNet generator and discriminator, both spectrally normalised, conditional batch norm in
-G, a projection discriminator, and hinge losses. The file reads top to bottom: configuration,
-spectral norm, self-attention, generator, discriminator, losses.
+Zhang, Goodfellow, Metaxas, Odena, "Self-Attention Generative Adversarial Networks", ICML 2019
+(arXiv 1805.08318). The layout follows the released code that produced the paper's numbers
+(brain-research/self-attention-gan), as BigGAN-PyTorch's SA-GAN script re-implements it. The file
+reads top to bottom in the paper's order: the self-attention block (Sec. 3) with spectral norm,
+the generator (conditional BN, ResNet blocks), the discriminator (projection), the hinge losses.
 
 Paper-to-code map
     Sec. 3, f(x) = W_f x, g(x) = W_g x       SelfAttention.f, SelfAttention.g (1x1 convs, C/8)
     Sec. 3, h(x) = W_h x, v(x) = W_v x       SelfAttention.h, SelfAttention.v
-    Eq. (1): beta_{j,i} = softmax_i(s_ij)    SelfAttention._explicit (beta), ._fused (SDPA)
+    Eq. (1): beta_{j,i} = softmax_i(s_ij)    SelfAttention.explicit (forms beta), .fused (SDPA)
     Eq. (2): o_j = v(sum_i beta_{j,i} h(x_i))
     Eq. (3): y_i = gamma * o_i + x_i         SelfAttention.forward, gamma initialised to 0
     Sec. 4, spectral norm in G and D         sn(); ModelConfig.g_sn=False is the "SN on D" baseline
     Sec. 4, two-timescale update rule        train.py (lr 1e-4 for G, 4e-4 for D)
-    Sec. 3, Eq. (4): hinge losses            d_hinge_loss, g_hinge_loss
     Sec. 5, conditional BN / projection D    ConditionalBatchNorm, Discriminator.embed
     Sec. 5.2, Table 1, attention at featK    ModelConfig.attn (feature-map resolutions; () = none)
+    Sec. 3, Eq. (4): hinge losses            d_hinge_loss, g_hinge_loss
 
-Differences from the paper's equations (all follow the released code, which produced the numbers)
+Differences from the paper, numbered as in the README's list (which has the rest):
     1. The value h has C/2 channels, not C/8, and an output 1x1 conv v maps it back to C channels.
-    2. Keys f(x) and values h(x) are max-pooled 2x2 (2 in every spatial dimension) before attention,
-       so each query attends to N/4 positions in 2-D. `pooled=False` gives the paper's form.
+    2. Keys f(x) and values h(x) are max-pooled 2x2 (2 in every spatial dimension) before
+       attention, so each query attends to N/4 positions in 2-D. `pooled=False`: the paper's form.
     3. The attention convs have no bias; all four are spectrally normalised.
-    4. Spatial dimensions are free: SelfAttention runs on (B, C, *spatial) maps in 1-D, 2-D or 3-D.
-    5. Conditional BN uses per-class gain and bias tables (gain 1, bias 0 at init), not spectrally
-       normalised; the paper only says "conditional batch normalization".
-All other choices (widths, blocks, xavier init, sum pooling in D) are the reference implementations';
-SAGAN_NOTES section 3 lists them and test_sagan.py checks the parameter counts against theirs.
+    4. The fused path zero-pads query and key to the value's width; the scores are unchanged.
+    5. Conditional BN: per-class gain and bias tables, not spectrally normalised, starting at
+       exactly gain 1 and bias 0 (BigGAN-PyTorch starts its gains at 1 plus a xavier-initialised
+       table); the paper only says "conditional batch normalization".
+    6. SelfAttention runs on (B, C, *spatial) maps in 1-D, 2-D or 3-D; G and D are 2-D.
+Widths, block layouts, xavier init and D's sum pooling are the reference implementations';
+test_sagan.py checks the parameter counts against theirs (81.5 M at ImageNet 128, ch = 64).
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-# Channel multipliers of ch per image size. G: width of the 4x4 input, then the output width of
-# each up-block (one block per doubling). D: output width of each block and whether it halves
-# the resolution; the first D block is the "optimized" one that reads the RGB image.
-G_WIDTHS = {
-    32: [4, 4, 4, 4],  # the CIFAR-sized layout of StudioGAN (256 channels at ch=64)
-    64: [16, 16, 8, 4, 2],
-    128: [16, 16, 8, 4, 2, 1],  # BigGAN-PyTorch's SA-GAN at ImageNet 128
-    256: [16, 16, 8, 8, 4, 2, 1],
-}
-D_WIDTHS = {
-    32: ([2, 2, 2, 2], [True, True, False, False]),
-    64: ([1, 2, 4, 8, 16], [True, True, True, True, False]),
-    128: ([1, 2, 4, 8, 16, 16], [True, True, True, True, True, False]),
-    256: ([1, 2, 4, 8, 8, 16, 16], [True, True, True, True, True, True, False]),
-}
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild G and D; checkpoints store it as a dict."""
-
-    size: int = 128  # image side; one of G_WIDTHS
-    ch: int = 64  # width multiplier (BigGAN-PyTorch's G_ch = D_ch = 64 at ImageNet 128)
-    z_dim: int = 128
-    n_classes: int = 1000  # 0 = unconditional: plain BN in G, no projection in D
-    attn: tuple = (64,)  # feature resolutions with attention in G and D (Table 1 "feat64")
-    pooled: bool = True  # keys/values max-pooled 2x2, as in the released code
-    g_sn: bool = True  # spectral norm in G too (Sec. 4); False = the "SN on D only" baseline
-
-    def __post_init__(self):
-        self.attn = tuple(int(r) for r in self.attn)
-        if self.size not in G_WIDTHS:
-            raise ValueError(f"size must be one of {sorted(G_WIDTHS)}, got {self.size}")
-        g_res = [4 * 2 ** (i + 1) for i in range(len(G_WIDTHS[self.size]) - 1)]
-        d_res = _d_resolutions(self.size)
-        for r in self.attn:
-            if r not in g_res or r not in d_res:
-                allowed = sorted(set(g_res) & set(d_res))
-                raise ValueError(f"attention resolution {r} is not a feature-map size of both "
-                                 f"G and D at size {self.size}; choose from {allowed}")
-        if self.ch < 8 or self.z_dim < 1 or self.n_classes < 0:
-            raise ValueError("need ch >= 8, z_dim >= 1 and n_classes >= 0")
-
-
-def _d_resolutions(size):
-    """Resolution after each D block."""
-    out, res = [], size
-    for down in D_WIDTHS[size][1]:
-        res = res // 2 if down else res
-        out.append(res)
-    return out
-
 
 def sn(module, enabled=True):
     """Spectral normalisation (Miyato et al. 2018) through torch's parametrization.
 
-    W is divided by its largest singular value, estimated with one power iteration per training
-    forward; the vectors u, v live in the module's buffers and travel with the state dict. In eval
-    mode the last estimate is used unchanged. Weights are initialised xavier-uniform and biases
-    zero first, as in the authors' code.
+    W is divided by its largest singular value, estimated with one power iteration per forward in
+    training mode; the vectors u, v live in the module's buffers and travel with the state dict.
+    In eval mode the last estimate is used unchanged. Weights are initialised xavier-uniform and
+    biases zero first, as in the authors' code.
     """
     nn.init.xavier_uniform_(module.weight)
     if getattr(module, "bias", None) is not None:
@@ -110,7 +60,7 @@ def sn(module, enabled=True):
 # ---------------------------------------------------------------------------------------------
 
 class SelfAttention(nn.Module):
-    """The SAGAN self-attention block on a (B, C, *spatial) feature map.
+    """The SAGAN self-attention block on a (B, C, *spatial) feature map, N positions.
 
     In the query/key/value language: the query is g(x), the key is f(x) and the value is h(x);
     v is the output projection. (The released code calls them theta, phi, g and o.)
@@ -128,34 +78,35 @@ class SelfAttention(nn.Module):
         # Eq. (3): gamma starts at 0, so the block is the identity at init and G first relies on
         # local (convolutional) cues, learning to use non-local evidence gradually.
         self.gamma = nn.Parameter(torch.zeros(()))
-        self.fused = True  # use scaled_dot_product_attention when beta is not requested
+        self.use_fused = True  # scaled_dot_product_attention when beta is not requested
 
-    def _keys_values(self, x):
+    def keys_values(self, x):
         fx, hx = self.f(x), self.h(x)  # (B, C/8, *spatial), (B, C/2, *spatial)
         if self.pool is not None:  # difference 2: N -> M = N / 2^dims key positions
             fx, hx = self.pool(fx, 2), self.pool(hx, 2)
         return fx.flatten(2), hx.flatten(2)  # (B, C/8, M), (B, C/2, M)
 
-    def _explicit(self, x):
-        """Forms the attention map beta; O(N * M) memory. Returns o (B, C/2, N) and beta."""
+    def explicit(self, x):
+        """Eq. (1) and (2) as written: forms the attention map beta, O(N * M) memory.
+        Returns o (B, C/2, N), before v, and beta (B, N, M)."""
         gx = self.g(x).flatten(2)  # (B, C/8, N) queries
-        fx, hx = self._keys_values(x)  # (B, C/8, M), (B, C/2, M)
-        s = gx.transpose(1, 2) @ fx  # (B, N, M): s[j, i] = f(x_i)^T g(x_j)
+        fx, hx = self.keys_values(x)  # (B, C/8, M), (B, C/2, M)
+        s = gx.transpose(1, 2) @ fx  # (B, N, M): s[j, i] = f(x_i)^T g(x_j), no 1/sqrt(d) scale
         beta = s.softmax(dim=-1)  # Eq. (1): softmax over keys i, each row sums to 1
         o = hx @ beta.transpose(1, 2)  # (B, C/2, N): Eq. (2) before v
         return o, beta
 
-    def _fused(self, x):
+    def fused(self, x):
         """The same o through torch's fused scaled_dot_product_attention, beta never stored.
 
         SAGAN does not scale its scores, hence scale=1.0. The fused CPU and GPU kernels want
         query, key and value of one width, but the value is 4x wider than query and key. So query
-        and key are zero-padded from C/8 to C/2 channels: the zeros add nothing to the scores
-        f(x_i)^T g(x_j), so beta and o are unchanged. (Without this, torch silently falls back to
-        its unfused math path, which stores the whole score matrix.)
+        and key are zero-padded from C/8 to C/2 channels (difference 4): the zeros add nothing to
+        the scores f(x_i)^T g(x_j), so beta and o are unchanged. (Without this, torch silently
+        falls back to its unfused math path, which stores the whole score matrix.)
         """
         gx = self.g(x).flatten(2).transpose(1, 2)  # (B, N, C/8)
-        fx, hx = self._keys_values(x)  # (B, C/8, M), (B, C/2, M)
+        fx, hx = self.keys_values(x)  # (B, C/8, M), (B, C/2, M)
         pad = hx.shape[1] - fx.shape[1]  # C/2 - C/8 zero channels
         q = F.pad(gx, (0, pad)).unsqueeze(1)  # (B, 1, N, C/2)
         k = F.pad(fx.transpose(1, 2), (0, pad)).unsqueeze(1)  # (B, 1, M, C/2)
@@ -165,13 +116,77 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, return_beta=False):
         B, C, *spatial = x.shape
-        if return_beta or not self.fused:
-            o, beta = self._explicit(x)
+        if return_beta or not self.use_fused:
+            o, beta = self.explicit(x)
         else:
-            o, beta = self._fused(x), None
+            o, beta = self.fused(x), None
         o = self.v(o.reshape(B, C // 2, *spatial))  # (B, C, *spatial): Eq. (2), output conv v
         y = self.gamma * o + x  # Eq. (3)
         return (y, beta) if return_beta else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: the widths of the reference layouts, and the one ModelConfig
+# ---------------------------------------------------------------------------------------------
+
+# Channel multipliers of ch per image size. G: width of the 4x4 input, then the output width of
+# each up-block (one block per doubling). D: output width of each block and whether it halves
+# the resolution; the first D block is the "optimized" one that reads the RGB image.
+G_WIDTHS = {
+    32: [4, 4, 4, 4],  # the CIFAR-sized layout of StudioGAN (256 channels at ch=64)
+    64: [16, 16, 8, 4, 2],
+    128: [16, 16, 8, 4, 2, 1],  # BigGAN-PyTorch's SA-GAN at ImageNet 128
+    256: [16, 16, 8, 8, 4, 2, 1],
+}
+D_WIDTHS = {
+    32: ([2, 2, 2, 2], [True, True, False, False]),
+    64: ([1, 2, 4, 8, 16], [True, True, True, True, False]),
+    128: ([1, 2, 4, 8, 16, 16], [True, True, True, True, True, False]),
+    256: ([1, 2, 4, 8, 8, 16, 16], [True, True, True, True, True, True, False]),
+}
+# Where attention goes when ModelConfig.attn is not given: the paper's "feat64" at 128 px (Table
+# 1's best), the 16x16 maps of StudioGAN's 32 px layout, half the image side at 64 px.
+DEFAULT_ATTN = {32: (16,), 64: (32,), 128: (64,), 256: (64,)}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild G and D; checkpoints store it as a dict, and train.py makes
+    each field but n_classes a command-line flag (n_classes comes from the data)."""
+
+    size: int = 128  # image side: 32, 64, 128 or 256
+    ch: int = 64  # width multiplier (BigGAN-PyTorch's G_ch = D_ch = 64 at ImageNet 128)
+    z_dim: int = 128
+    n_classes: int = 1000  # 0 = unconditional: plain BN in G, no projection in D
+    # Feature-map resolutions with attention in G and D (Table 1's "featK"); () = none;
+    # None = DEFAULT_ATTN[size].
+    attn: Optional[tuple] = None
+    pooled: bool = True  # keys/values max-pooled 2x2, as in the released code (difference 2)
+    g_sn: bool = True  # spectral norm in G too (Sec. 4); False = the "SN on D only" baseline
+
+    def __post_init__(self):
+        if self.size not in G_WIDTHS:
+            raise ValueError(f"size {self.size} is not supported; choose from {sorted(G_WIDTHS)}")
+        self.attn = DEFAULT_ATTN[self.size] if self.attn is None else tuple(int(r) for r in self.attn)
+        g_res = [4 * 2 ** (i + 1) for i in range(len(G_WIDTHS[self.size]) - 1)]
+        d_res = d_resolutions(self.size)
+        for r in self.attn:
+            if r not in g_res or r not in d_res:
+                allowed = sorted(set(g_res) & set(d_res))
+                raise ValueError(f"attention resolution {r} is not a feature-map size of both "
+                                 f"G and D at size {self.size}; choose from {allowed}")
+        if self.ch < 8 or self.z_dim < 1 or self.n_classes < 0:
+            raise ValueError(f"need ch >= 8, z_dim >= 1 and n_classes >= 0; got ch {self.ch}, "
+                             f"z_dim {self.z_dim}, n_classes {self.n_classes}")
+
+
+def d_resolutions(size):
+    """The resolution after each D block."""
+    out, res = [], size
+    for down in D_WIDTHS[size][1]:
+        res = res // 2 if down else res
+        out.append(res)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Tests for sagan: the model, the data, the trainer, the metrics and the faults.
 
-Three kinds, as in STYLE.md: equivalence to a reference (spectral norm against
+Three kinds: equivalence to a reference (spectral norm against
 torch.linalg.matrix_norm, the fused attention path against the explicit one), closed forms (hinge
 values, FID of Gaussians, IS of known predictions), and invariants (gamma = 0 is the identity,
 rows of beta sum to 1, shapes, parameter counts); plus end-to-end runs and faults (kills, signals,
@@ -8,6 +8,8 @@ full disks, NaNs, bad input) on tiny synthetic data. Everything runs on a CPU; n
 downloaded: the Inception weights are random ones made here in the layout of pytorch-fid's file.
 """
 
+import ast
+import copy
 import dataclasses
 import hashlib
 import json
@@ -31,7 +33,7 @@ import benchmark
 import data
 import evaluate as ev
 import train
-from data import DataError, make_dataset
+from data import UserError, make_dataset
 from sagan import (Discriminator, Generator, ModelConfig, SelfAttention, d_hinge_loss,
                    g_hinge_loss)
 
@@ -178,8 +180,10 @@ def test_output_shapes_and_range(size, n_classes):
     assert len(betas) == 1 and betas[0].shape == (2, 256, 64)
 
 
-def test_bad_model_config_is_refused():
-    with pytest.raises(ValueError, match="size must be one of"):
+def test_attention_defaults_to_the_size_and_bad_configs_are_refused():
+    assert [ModelConfig(size=s).attn for s in (32, 64, 128, 256)] == [(16,), (32,), (64,), (64,)]
+    assert ModelConfig(size=128, attn=[32, 64]).attn == (32, 64) and ModelConfig(attn=()).attn == ()
+    with pytest.raises(ValueError, match="size 48 is not supported"):
         ModelConfig(size=48)
     with pytest.raises(ValueError, match="attention resolution 128"):
         ModelConfig(size=128, attn=(128,))
@@ -369,11 +373,11 @@ def test_class_tree_gives_labels_and_imagenet_needs_one(tmp_path):
         assert d.summary == "skipped 1 image outside class folders (loose.png)"
     flat = tmp_path / "dog" / "sub"
     assert make_dataset("folder", flat, 8).n_classes == 0
-    with pytest.raises(DataError, match="no class subfolders"):
+    with pytest.raises(UserError, match="no class subfolders"):
         make_dataset("imagenet", flat, 8)
     (tmp_path / "top" / "train").mkdir(parents=True)
     (tmp_path / "dog").rename(tmp_path / "top" / "train" / "n02084071")
-    with pytest.raises(DataError, match="pass .*train"):
+    with pytest.raises(UserError, match="pass .*train"):
         make_dataset("imagenet", tmp_path / "top", 8)
 
 
@@ -394,7 +398,7 @@ def test_bad_data_gives_one_line_errors(tmp_path):
         (("prepared", tmp_path / "empty", 32), "no prepared data"),
     ]
     for args, message in cases:
-        with pytest.raises(DataError, match=message) as info:
+        with pytest.raises(UserError, match=message) as info:
             make_dataset(*args)
         assert "\n" not in str(info.value)
 
@@ -402,7 +406,7 @@ def test_bad_data_gives_one_line_errors(tmp_path):
 def test_all_images_unreadable_is_an_error(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"junk")
     d = make_dataset("folder", tmp_path, 8)
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the 1 images"):
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="none of the 1 images"):
         d[0]
 
 
@@ -425,7 +429,7 @@ def test_cifar10_wraps_torchvision_and_explains_offline(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(DataError, match="cifar-10-python.tar.gz") as info:
+    with pytest.raises(UserError, match="cifar-10-python.tar.gz") as info:
         make_dataset("cifar10", tmp_path, 32)
     assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
 
@@ -461,16 +465,17 @@ def test_prepare_matches_the_direct_dataset(tmp_path):
     assert folder_meta["n_classes"] == 2
     assert "1 unreadable image (corrupt.png)" in folder_meta["skipped"]
 
-    with pytest.raises(DataError, match="is 12x12, not 16x16; prepare it again with --size 16"):
+    with pytest.raises(UserError, match="is 12x12, not 16x16; prepare it again with --size 16"):
         make_dataset("prepared", out, 16)
     # A worker process gets the file name, not a copy of the whole array.
     assert len(pickle.dumps(prepared)) < 3000 and np.array_equal(
         pickle.loads(pickle.dumps(prepared)).pixels(5)[0], prepared.pixels(5)[0])
     (out / "images.npy").unlink()
-    with pytest.raises(DataError, match="incomplete"):
+    with pytest.raises(UserError, match="incomplete"):
         make_dataset("prepared", out, 12)
 
 
+@pytest.mark.slow
 def test_prepare_command_line(tmp_path):
     save_odd_images(tmp_path / "images")
     command = [sys.executable, os.path.join(HERE, "data.py"), "prepare", "--data", "folder",
@@ -523,6 +528,7 @@ def assert_same_state(a, b, path="ckpt"):
         assert a == b, path
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
     """5 steps, resume, 5 more == 10 straight: G, D, EMA, optimizers, SN vectors and all RNGs,
     with flips on (their randomness must resume too) and the EMA switching on mid-run."""
@@ -541,6 +547,54 @@ def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
     assert log[1]["loss_d_real"] == [json.loads(l) for l in open(tmp_path / "straight" / "log.jsonl")][1]["loss_d_real"]
 
 
+def test_ema_generator_is_normalised_by_its_own_spectral_norm():
+    """G_ema's weights are an average of G's, so its spectral norm must be estimated on them:
+    after hundreds of EMA updates of drifting weights, every normalised weight of G_ema has
+    largest singular value 1 within 1e-2. G's own vectors u, v (what the EMA once copied) would
+    not do: with them sigma(W_ema) is underestimated and the weights come out larger than 1."""
+    torch.manual_seed(0)
+    cfg, _ = train.parse_config(TINY + ["--ema", "--ema-start", "0", "--ema-decay", "0.999"])
+    gan = train.GAN(cfg, dataclasses.replace(cfg.model, n_classes=10), torch.device("cpu"))
+    for step in range(300):
+        with torch.no_grad():  # a random walk of G's weights, its spectral norm tracking them
+            for p in gan.G.parameters():
+                p.add_(torch.randn_like(p), alpha=0.01)
+        train.power_iteration(gan.G)
+        gan.update_ema(step)
+
+    def sigmas(G):
+        return {name: torch.linalg.matrix_norm(m.weight.flatten(1), ord=2).item() for name, m in G.named_modules()
+                if torch.nn.utils.parametrize.is_parametrized(m, "weight")}
+    with torch.no_grad():
+        own = sigmas(gan.G_ema)
+        assert len(own) == 15 and all(abs(s - 1) < 1e-2 for s in own.values()), own
+        borrowed = copy.deepcopy(gan.G_ema)  # the same averaged weights with G's vectors
+        for (name, b), b_live in zip(borrowed.named_buffers(), gan.G.buffers()):
+            if name.endswith(("._u", "._v")):
+                b.copy_(b_live)
+        assert max(sigmas(borrowed).values()) > 1.02
+
+
+def test_imports_run_one_way():
+    """sagan.py and data.py import nothing of the project, evaluate.py only them, train.py adds
+    evaluate.py, benchmark.py sits on top; and every project import is at a file's top level."""
+    below = {"sagan": set(), "data": set(), "evaluate": {"sagan", "data"},
+             "train": {"sagan", "data", "evaluate"}, "benchmark": {"sagan", "data", "evaluate", "train"}}
+    for name, allowed in below.items():
+        tree = ast.parse(Path(HERE, name + ".py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported = {node.module.split(".")[0]}
+            else:
+                continue
+            project = imported & set(below)
+            assert project <= allowed, f"{name}.py imports {project - allowed}"
+            assert not project or node in tree.body, f"{name}.py imports {project} inside a function"
+
+
+@pytest.mark.slow
 def test_run_folder_contents(tmp_path):
     assert train.main(TINY + ["--steps", "5", "--out", tmp_path]) == 0
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "config.json", "log.jsonl", "samples"]
@@ -557,12 +611,13 @@ def test_run_folder_contents(tmp_path):
 def test_imagenet_preset_is_the_papers():
     cfg, _ = train.parse_config(["--data", "imagenet", "--data-root", "/x"])
     train.check_config(cfg)
-    assert (cfg.size, cfg.ch, cfg.batch_size, cfg.steps, cfg.attn) == (128, 64, 256, 1_000_000, "64")
+    assert (cfg.model.size, cfg.model.ch, cfg.batch_size, cfg.steps, cfg.model.attn) == (128, 64, 256, 1_000_000, (64,))
     assert (cfg.lr_g, cfg.lr_d, cfg.beta1, cfg.beta2, cfg.d_steps) == (1e-4, 4e-4, 0.0, 0.9, 1)
     cfg, _ = train.parse_config(["--data", "imagenet", "--batch-size", "128", "--attn", "none"])
-    assert cfg.batch_size == 128 and cfg.attn == "none"  # flags win over the preset
+    assert cfg.batch_size == 128 and cfg.model.attn == ()  # flags win over the preset
 
 
+@pytest.mark.slow
 def test_ddp_with_two_gloo_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "train.py"), *TINY, "--steps", "3", "--device", "cpu", "--out", str(tmp_path)]
@@ -577,6 +632,7 @@ def test_ddp_with_two_gloo_processes(tmp_path):
     G.load_state_dict(ckpt["G"])
 
 
+@pytest.mark.slow
 def test_missing_imagenet_root_is_one_clear_line():
     code, out, err = run_cli("train.py", "--data", "imagenet", "--data-root", "/nonexistent")
     assert code != 0
@@ -597,13 +653,14 @@ def bad_train_inputs(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--data", "mnist"], "unknown data source 'mnist'"),
     (["--data", "imagenet"], "needs --data-root"),
     (["--data", "folder", "--data-root", "{d}/missing"], "does not exist"),
     (["--data", "folder", "--data-root", "{d}/empty"], "no images found"),
     (["--data", "prepared", "--data-root", "{d}/empty"], "no prepared data"),
-    (["--size", "48"], "--size 48 is not supported"),
+    (["--size", "48"], "size 48 is not supported"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--lr-g", "0"], "--lr-g must be positive"),
@@ -621,8 +678,6 @@ def bad_train_inputs(tmp_path_factory):
     (["--resume", "{d}/v99.pt"], "format version 99"),
     (["--eval-every", "5", "--ref-stats", "{d}/junk.pt"], "cannot read statistics file"),
     (["--eval-every", "5", "--eval-n", "5"], "--eval-n must be at least 10"),
-    (["--benchmark", "--bench-variants", "fp64"], "unknown benchmark variant"),
-    (["--benchmark", "--bench-attention", "4,128"], "--bench-attention takes B,C,H,W"),
 ])
 def test_train_user_errors_print_one_line_and_exit_2(args, message, bad_train_inputs, tmp_path, capsys):
     argv = [a.format(d=bad_train_inputs) for a in args] + ["--out", tmp_path / "out"]
@@ -631,6 +686,7 @@ def test_train_user_errors_print_one_line_and_exit_2(args, message, bad_train_in
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.slow
 def test_folder_of_odd_images_trains_and_reports_skipped_files(tmp_path, capsys):
     """Grayscale, RGBA, palette, CMYK and 16-bit images train; a corrupt file and a text file
     are skipped, named and counted in the summary, and nothing crashes mid-epoch."""
@@ -646,23 +702,24 @@ def test_folder_of_odd_images_trains_and_reports_skipped_files(tmp_path, capsys)
     assert train.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 5
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_prints_the_table():
     # Random data: the ImageNet preset needs no --data-root here.
-    code, out, err = run_cli("train.py", "--benchmark", "--data", "imagenet", "--size", "32", "--ch", "8", "--batch-size", "4",
-                             "--bench-iters", "1", "--bench-variants", "default,fp32,explicit_attn,channels_last",
-                             "--bench-profile")
+    code, out, err = run_cli("benchmark.py", "--data", "imagenet", "--size", "32", "--ch", "8", "--batch-size", "4",
+                             "--iters", "1", "--variants", "default,fp32,explicit_attn,channels_last", "--profile")
     assert code == 0, err
     for word in ("ms/iter", "images/s", "peak MB", "TFLOP/s", "default", "fp32", "explicit_attn", "channels_last"):
         assert word in out, word
     rows = [l.split() for l in out.splitlines() if l.split() and l.split()[0] in [*benchmark.VARIANTS, "default"]]
     assert len(rows) == 4 and all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)  # images/s, TFLOP/s
-    # --bench-profile: the operators of one iteration, by self time; convolutions among the top.
+    # --profile: the operators of one iteration, by self time; convolutions among the top.
     profile = out[out.index("where the time goes"):].splitlines()[2:]
     shares = [float(line.split()[-2].rstrip("%")) for line in profile]
     assert len(profile) == 12 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
     assert any("conv" in line for line in profile[:5]), profile
 
 
+@pytest.mark.slow
 def test_benchmark_reports_a_variant_out_of_gpu_memory_and_goes_on(monkeypatch, capsys):
     """One variant runs out of (GPU) memory: it is named in the table, skipped in later rounds,
     and the other variants are timed and their FLOPs counted as usual."""
@@ -675,8 +732,8 @@ def test_benchmark_reports_a_variant_out_of_gpu_memory_and_goes_on(monkeypatch, 
         return real(cfg, mcfg, device, spec, *args, **kwargs)
 
     monkeypatch.setattr(benchmark, "time_variant", time_variant)
-    cfg, _ = train.parse_config(["--benchmark", "--size", "32", "--ch", "8", "--batch-size", "4",
-                                 "--bench-iters", "1", "--bench-rounds", "2"])
+    cfg, _ = train.parse_config(["--size", "32", "--ch", "8", "--batch-size", "4", "--iters", "1", "--rounds", "2"],
+                                benchmark.BenchConfig)
     rows = benchmark.benchmark(cfg, ["explicit_attn", "fp32"])
     assert calls.count(benchmark.VARIANTS["explicit_attn"]) == 1 and calls.count(benchmark.VARIANTS["fp32"]) == 2
     assert rows[0] == {"variant": "explicit_attn", "out_of_memory": True}
@@ -688,8 +745,9 @@ def test_benchmark_reports_a_variant_out_of_gpu_memory_and_goes_on(monkeypatch, 
 # evaluate.py
 # ---------------------------------------------------------------------------------------------
 
-# sha256 of "key\t[shape]" lines (no num_batches_tracked) of pt_inception-2015-12-05-6726825d.pth,
-# computed from ../shared/inception_keys.txt: 472 tensors.
+# sha256 of the "key\t[shape]" lines (no num_batches_tracked) of pytorch-fid's weights file
+# pt_inception-2015-12-05-6726825d.pth, 472 tensors: 94 conv blocks (conv weight, BN weight, bias,
+# running mean and variance) and fc.weight [1008, 2048], fc.bias [1008].
 INCEPTION_LAYOUT_SHA256 = "408eec081bc2249acf81666e84633e14cde197677e465a73328db99d9f1f7bb5"
 
 
@@ -874,10 +932,6 @@ def test_fid_inception_has_the_layout_of_the_weights_file():
              if not k.endswith("num_batches_tracked")]
     assert len(lines) == 472
     assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == INCEPTION_LAYOUT_SHA256
-    keys = os.path.join(HERE, "..", "shared", "inception_keys.txt")
-    if os.path.exists(keys):  # the full listing, where the checkout has it
-        listed = [ln.split("\t") for ln in open(keys).read().splitlines() if not ln.startswith("#")]
-        assert [f"{k}\t{s.replace(' ', '').replace(',', ', ')}" for k, s, _ in listed] == lines
 
 
 def test_weights_load_strictly_with_and_without_num_batches_tracked(fid_state, fid_net, tmp_path):
@@ -982,6 +1036,7 @@ def test_grid_has_a_row_per_class(ckpt, tmp_path):
         assert im.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # save_image pads 2 px
 
 
+@pytest.mark.slow
 def test_metrics_end_to_end_cli_and_api_agree(ckpt, fid_weights, tmp_path, capsys):
     # 4 images and 2 IS splits keep this fast; the published protocol is 50k images and 10 splits.
     images = np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -1012,6 +1067,7 @@ def test_metrics_end_to_end_cli_and_api_agree(ckpt, fid_weights, tmp_path, capsy
     assert G.training and api == {k: cli[k] for k in ("IS", "IS_std", "FID")}
 
 
+@pytest.mark.slow
 def test_reference_statistics_of_a_data_source(fid_weights, tmp_path, capsys):
     out = tmp_path / "stats" / "synthetic.npz"
     out.parent.mkdir()
@@ -1023,9 +1079,10 @@ def test_reference_statistics_of_a_data_source(fid_weights, tmp_path, capsys):
     assert "3/3" in capsys.readouterr().err  # progress
 
 
-def test_evaluate_benchmark_times_inception_and_the_frechet_distance(capsys):
+@pytest.mark.slow
+def test_benchmark_times_inception_and_the_frechet_distance(capsys):
     # Random weights (speed does not depend on them), one warm-up batch, one timed batch.
-    assert ev.main(["--benchmark", "--size", "32", "--batch-size", "2", "--bench-batches", "1", "--device", "cpu"]) == 0
+    assert benchmark.main(["--metrics", "--size", "32", "--batch-size", "2", "--iters", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     rate = float(out.split("Inception features: ")[1].split()[0])
     seconds = float(out.split("frechet_distance at d = 2048: ")[1].split()[0])
@@ -1056,7 +1113,6 @@ def bad_inputs(tmp_path_factory):
     (["--ckpt", "{ckpt}", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--ckpt", "{ckpt}", "--n", "5"], "needs at least --splits 10 images, got 5"),
     (["--ckpt", "{ckpt}", "--device", "tpu"], "--device tpu"),
-    (["--benchmark", "--bench-batches", "0"], "--bench-batches must be at least 1"),
     (["--ckpt", "{ckpt}", "--inception-weights", "{d}/missing.pth"], "cannot read Inception weights"),
     (["--ckpt", "{ckpt}", "--inception-weights", "{d}/junk.pt"], "cannot read Inception weights"),
     (["--ckpt", "{ckpt}", "--images", "{d}/empty"], "give one source of images"),
@@ -1080,6 +1136,7 @@ def test_user_errors_print_one_line_and_exit_2(args, message, bad_inputs, ckpt, 
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.slow
 def test_command_line_error_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--ckpt", str(tmp_path / "no.pt")],
                        capture_output=True, text=True, cwd=tmp_path)
@@ -1107,6 +1164,7 @@ def wait_for_new(path, proc, timeout=90):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path):
     """A checkpoint every step, so most kills land during or next to a write."""
     rng = pyrandom.Random(0)
@@ -1125,6 +1183,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path)
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # stale temp files cleaned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     proc = start_training(tmp_path, "--steps", "100000", "--log-every", "1")
@@ -1138,6 +1197,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     assert 2 <= step < 100000 and f"at step {step}" in out
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_process_at_one_step_and_saves(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "train.py"), *TINY, "--steps", "100000", "--log-every", "1", "--device", "cpu",
@@ -1154,6 +1214,7 @@ def test_sigterm_to_torchrun_stops_every_process_at_one_step_and_saves(tmp_path)
     assert f'File "{os.path.join(HERE, "train.py")}"' not in err
 
 
+@pytest.mark.slow
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     """A full disk during a write: the old checkpoint stays, a warning says so, training goes on."""
     assert train.main(TINY + ["--steps", "2", "--ckpt-every", "2", "--out", tmp_path]) == 0
@@ -1172,6 +1233,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, c
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["loss", "weight"])
 def test_divergence_stops_with_the_step_and_the_quantity(tmp_path, monkeypatch, capsys, where):
     assert train.main(TINY + ["--steps", "3", "--ckpt-every", "3", "--out", tmp_path]) == 0
@@ -1194,12 +1256,14 @@ def test_divergence_stops_with_the_step_and_the_quantity(tmp_path, monkeypatch, 
     assert (tmp_path / "ckpt.pt").read_bytes() == good
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     assert train.main(TINY + ["--steps", "1", "--out", tmp_path / "file" / "run"]) == 2
     assert "cannot write to the output folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_names_the_conflict(tmp_path, capsys):
     assert train.main(TINY + ["--steps", "1", "--out", tmp_path]) == 0
     assert train.main(["--resume", "--out", tmp_path, "--ch", "16", "--attn", "none"]) == 2
@@ -1222,6 +1286,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_eval_every_logs_is_and_fid_during_training(fid_weights, tmp_path):
     mu, sigma = np.zeros(2048), np.eye(2048)
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
@@ -1233,6 +1298,7 @@ def test_eval_every_logs_is_and_fid_during_training(fid_weights, tmp_path):
     assert metrics[0]["IS"] >= 1.0 and metrics[0]["FID"] > 0
 
 
+@pytest.mark.slow
 def test_eval_every_without_inception_weights_warns_once_and_trains(tmp_path, capsys):
     assert train.main(TINY + ["--steps", "4", "--eval-every", "2", "--eval-n", "10", "--out", tmp_path,
                               "--inception-weights", tmp_path / "missing.pth"]) == 0
@@ -1264,6 +1330,7 @@ def test_spectral_norm_runs_outside_bf16_autocast(device):
     assert len(calls) == 16 and not any(calls)  # each of D's 16 weights once, before autocast
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_training_steps_are_finite(tmp_path, device):
     assert train.main(TINY + ["--steps", "3", "--precision", "bf16", "--device", device, "--out", tmp_path]) == 0
