@@ -245,8 +245,10 @@ def benchmark_attention(cfg):
     device, _, _ = setup_processes(cfg)
     try:
         B, C, H, W = (int(v) for v in cfg.attention.split(","))
+        if min(B, H, W) < 1 or C < 8:
+            raise ValueError
     except ValueError:
-        raise UserError(f"--attention takes B,C,H,W, got {cfg.attention}") from None
+        raise UserError(f"--attention takes B,C,H,W (positive, C at least 8), got {cfg.attention}") from None
     attn = SelfAttention(C, pooled=cfg.model.pooled).to(device)
     attn.gamma.data.fill_(0.5)
     x = torch.randn(B, C, H, W, device=device, requires_grad=True)
@@ -304,9 +306,9 @@ def metrics_speed(cfg):
 def main(argv=None):
     try:
         cfg, _ = parse_config(argv, BenchConfig)
-        for name in ("iters", "rounds"):
+        for name in ("iters", "rounds", "batch_size"):
             if getattr(cfg, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
         if cfg.attention:
             benchmark_attention(cfg)
         elif cfg.metrics:

@@ -15,6 +15,12 @@ unreadable images when they are loaded (with a warning; the next readable image 
 a crash mid-epoch. `dataset.skipped` lists them as (path, reason) and `dataset.summary` says it in
 one line, counting skips made inside DataLoader workers too.
 
+Folders are scanned for regular image files only (a FIFO or a device named like an image is
+skipped, not opened) and each directory is read once, so a symbolic link loop cannot duplicate
+images. The end of this file holds the project's file safety, which training and evaluation use
+too: atomic writes (a crash or a full disk never leaves half a file) and a lock that gives a
+folder to one process at a time.
+
 Reading JPEGs bounds a GPU run, so `python data.py prepare ...` decodes and resizes a source once
 into a uint8 array that training reads through a memory map:
     DIR/images.npy  (N, size, size, 3) uint8     DIR/labels.npy  (N,) int64
@@ -23,8 +29,12 @@ into a uint8 array that training reads through a memory map:
 """
 
 import argparse
+import errno
+import fcntl
+import glob
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -45,6 +55,14 @@ class UserError(Exception):
     """A mistake in the command line or in the files it names (data, checkpoints, statistics):
     the scripts print it as one line starting with "error:" and exit with code 2. The one error
     type of the project, defined here at the bottom of the imports (sagan.py raises ValueError)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: a malformed command line is a UserError like any other mistake, one
+    line instead of argparse's usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 class ImageSet(Dataset):
@@ -208,25 +226,52 @@ def scan(root):
 
     Class subfolders (with images somewhere inside) give labels in sorted name order, as in
     torchvision's ImageFolder; a root with no such subfolder is one unlabelled class. Hidden files
-    and folders are ignored; other non-image files are skipped by extension and reported.
+    and folders are ignored; other non-image files are skipped by extension and reported, and so
+    are entries that are not regular files (FIFOs, sockets, devices, broken links: opening a FIFO
+    would block forever). Links are followed, but each directory is read once (by device and
+    inode), and a link to a folder that contains the root is not followed: a link to . or ..
+    would otherwise repeat images under other labels.
     """
     root = Path(root)
     if not root.exists():
         raise UserError(f"data root {root} does not exist")
     if not root.is_dir():
         raise UserError(f"data root {root} is not a directory")
+    real_root = os.path.realpath(root)
     top, by_class, skipped = [], {}, []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(root).parts
-        for name in sorted(f for f in filenames if not f.startswith(".")):
-            path = os.path.join(dirpath, name)
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                skipped.append((path, "non-image file"))
+    seen, todo = set(), [(str(root), ())]
+    while todo:
+        folder, rel = todo.pop()
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            skipped.append((folder, "folder read before (a second link to it)"))
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            skipped.append((folder, f"unreadable folder ({err.strerror})"))
+            continue
+        subfolders = []
+        for entry in (e for e in entries if not e.name.startswith(".")):
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()  # both follow links
+            except OSError:
+                is_dir = is_file = False
+            real = os.path.realpath(entry.path) if entry.is_symlink() else None
+            if is_dir and real is not None and (real_root + os.sep).startswith(real + os.sep):
+                skipped.append((entry.path, "link to a folder that contains the data root"))
+            elif is_dir:
+                subfolders.append((entry.path, rel + (entry.name,)))
+            elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                skipped.append((entry.path, "non-image file"))
+            elif not is_file:
+                skipped.append((entry.path, "not a regular file"))
             elif rel:
-                by_class.setdefault(rel[0], []).append(path)
+                by_class.setdefault(rel[0], []).append(entry.path)
             else:
-                top.append(path)
+                top.append(entry.path)
+        todo += reversed(subfolders)  # depth first, in name order
     if not by_class:
         return top, [0] * len(top), [], skipped
     skipped += [(path, "image outside class folders") for path in top]
@@ -322,20 +367,28 @@ class Prepared(ImageSet):
         except (OSError, ValueError) as err:
             raise UserError(f"no prepared data in {root} ({err}); create it with "
                             f"python data.py prepare --out {root} ...") from None
-        if not isinstance(meta, dict) or meta.get("format") != "sagan-prepared" \
-                or meta.get("version") != 1:
+        keys = {"format": str, "version": int, "size": int, "n_classes": int, "count": int}
+        if not isinstance(meta, dict) or meta.get("format") != "sagan-prepared" or meta.get("version") != 1 \
+                or not all(isinstance(meta.get(k), t) for k, t in keys.items()):
             raise UserError(f"{root}/meta.json is not from this version of data.py prepare")
         if meta["size"] != size:
             raise UserError(f"prepared data in {root} is {meta['size']}x{meta['size']}, not "
                             f"{size}x{size}; prepare it again with --size {size}")
         n = meta["count"]
         try:
-            self.labels = np.load(self.root / "labels.npy")  # (N,) int64
-            complete = self._open().shape == (n, size, size, 3) and self.labels.shape == (n,)
-        except (OSError, ValueError):
-            complete = False
-        if not complete:
-            raise UserError(f"prepared data in {root} is incomplete; prepare it again")
+            self.labels = np.load(self.root / "labels.npy", allow_pickle=False)  # (N,) int64
+            images = self._open()
+        except (OSError, ValueError) as err:
+            raise UserError(f"prepared data in {root} is incomplete ({err}); prepare it again") from None
+        problems = []
+        if images.shape != (n, size, size, 3) or images.dtype != np.uint8:
+            problems.append(f"images.npy is {images.dtype} {images.shape}, meta.json says {n} images")
+        if self.labels.shape != (n,) or self.labels.dtype.kind not in "iu":
+            problems.append(f"labels.npy is {self.labels.dtype} {self.labels.shape}, meta.json says {n} labels")
+        elif n and not 0 <= self.labels.min() <= self.labels.max() < max(meta["n_classes"], 1):
+            problems.append(f"labels.npy holds labels outside 0..{max(meta['n_classes'], 1) - 1}")
+        if problems:
+            raise UserError(f"prepared data in {root} does not match its meta.json: {'; '.join(problems)}; prepare it again")
         self.n_classes = meta["n_classes"]
 
     def _open(self):
@@ -398,8 +451,10 @@ class _Pixels(Dataset):
 def prepare(source, root, size, out, workers=4, length=None, batch_size=256, log=sys.stderr):
     """Decode and resize a source once into `out` (layout in the module docstring).
 
-    Files are written under temporary names and renamed into place, meta.json last, so an
-    interrupted run never leaves a folder that `make_dataset("prepared", ...)` accepts.
+    One process at a time (FolderLock). The arrays are written into a staging folder inside
+    `out`, with their space reserved first (a memory map on a full disk would crash the process),
+    and only then moved into place: the old meta.json goes first and the new one last, so a
+    folder that `make_dataset("prepared", ...)` accepts always holds one whole preparation.
     Returns the dataset that was read, for its summary of skipped files.
     """
     if source == "prepared":
@@ -409,39 +464,141 @@ def prepare(source, root, size, out, workers=4, length=None, batch_size=256, log
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "meta.json").unlink(missing_ok=True)
-        images = np.lib.format.open_memmap(out / "images.npy.tmp", mode="w+", dtype=np.uint8,
-                                           shape=(len(dataset), size, size, 3))
     except OSError as err:
-        raise UserError(f"cannot write to {out}: {err}") from None
-    labels = np.zeros(len(dataset), dtype=np.int64)
-    loader = DataLoader(_Pixels(dataset), batch_size=batch_size, num_workers=workers)
-    done, start, last = 0, time.time(), 0.0
-    for x, y in loader:  # (B, S, S, 3) uint8, (B,)
-        images[done:done + len(x)] = x.numpy()
-        labels[done:done + len(x)] = y.numpy()
-        done += len(x)
-        now = time.time()
-        if now - last >= 2 or done == len(dataset):
-            last, rate = now, done / max(now - start, 1e-9)
-            eta = int((len(dataset) - done) / rate)
-            eta = f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
-            print(f"prepare {done}/{len(dataset)}  {rate:.0f} images/s  ETA {eta}", file=log)
-    images.flush()
-    del images
-    with open(out / "labels.npy.tmp", "wb") as f:
-        np.save(f, labels)
-    meta = {"format": "sagan-prepared", "version": 1, "source": source, "size": size,
-            "n_classes": dataset.n_classes, "count": len(dataset),
-            "skipped": dataset.summary}
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=1) + "\n")
-    for name in ("images.npy", "labels.npy", "meta.json"):
-        os.replace(out / (name + ".tmp"), out / name)
+        raise UserError(f"cannot write to {out}: {err.strerror or err}") from None
+    with FolderLock(out, "data.py prepare"):
+        remove_stale(out)
+        staging = out / f".staging{os.getpid()}"
+        try:
+            staging.mkdir()
+            images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8,
+                                               shape=(len(dataset), size, size, 3))
+            with open(staging / "images.npy", "r+b") as f:  # reserve the space now, or fail now
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            labels = np.zeros(len(dataset), dtype=np.int64)
+            loader = DataLoader(_Pixels(dataset), batch_size=batch_size, num_workers=workers)
+            done, start, last = 0, time.time(), 0.0
+            for x, y in loader:  # (B, S, S, 3) uint8, (B,)
+                images[done:done + len(x)] = x.numpy()
+                labels[done:done + len(x)] = y.numpy()
+                done += len(x)
+                now = time.time()
+                if now - last >= 2 or done == len(dataset):
+                    last, rate = now, done / max(now - start, 1e-9)
+                    eta = int((len(dataset) - done) / rate)
+                    eta = f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+                    print(f"prepare {done}/{len(dataset)}  {rate:.0f} images/s  ETA {eta}", file=log)
+            images.flush()
+            del images
+            meta = {"format": "sagan-prepared", "version": 1, "source": source, "size": size,
+                    "n_classes": dataset.n_classes, "count": len(dataset), "skipped": dataset.summary}
+            atomic_write(staging / "labels.npy", lambda f: np.save(f, labels))
+            atomic_write(staging / "meta.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+            (out / "meta.json").unlink(missing_ok=True)  # from here until the last rename: refused
+            for name in ("images.npy", "labels.npy", "meta.json"):
+                os.replace(staging / name, out / name)
+            fsync_folder(out)
+        except OSError as err:
+            raise UserError(f"cannot write the prepared data to {out}: {err.strerror or err}"
+                            f"{'; the previous preparation there is intact' if (out / 'meta.json').exists() else ''}") from None
+        finally:
+            remove_tree(staging)
     return dataset
 
 
+# --- File safety: atomic writes, one process per folder ---------------------------------------
+
+def fsync_folder(folder):
+    """Make renames inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """Write a file whole or not at all: write(f) fills a temporary file beside `path` (opened
+    "wb"), which is flushed, fsynced and renamed over `path`. A crash, a kill or a full disk at any
+    moment leaves the previous file as it was. A failure raises OSError, after the temporary file
+    is removed; torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected
+    pos ..."), which becomes an OSError here."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_folder(os.path.dirname(os.path.abspath(path)))
+    except RuntimeError as err:
+        raise OSError(errno.EIO, f"{str(err).strip().splitlines()[0][:120]} (a full disk?)") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(folder):
+    """Remove the temporary files ("NAME.tmp<pid>") and staging folders (".staging<pid>") in
+    `folder` whose writing process is gone; those of a living process are left alone."""
+    for name in os.listdir(folder):
+        match = re.fullmatch(r".+\.tmp(\d+)|\.staging(\d+)", name)
+        pid = int(next(g for g in match.groups() if g)) if match else None
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            remove_tree(Path(folder, name))
+
+
+def remove_tree(path):
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            remove_tree(child)
+        path.rmdir()
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+class FolderLock:
+    """`with FolderLock(folder, "training"):` gives the folder to this process alone. It holds
+    fcntl.flock on folder/.lock, which the operating system releases when the process ends,
+    however it ends; a second process is refused at once, in one line naming the first."""
+
+    def __init__(self, folder, what):
+        self.path, self.what = os.path.join(folder, ".lock"), what
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot write to {os.path.dirname(self.path)}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise UserError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it to end "
+                            f"or choose another folder") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{self.what} (pid {os.getpid()})".encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the lock
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="write a pre-resized uint8 copy of a source")
     p.add_argument("--data", default="synthetic", help=f"one of {', '.join(SOURCES[:-1])}")
@@ -451,8 +608,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="decoding processes")
     p.add_argument("--length", type=int, default=None, help="number of synthetic images")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.workers < 0:
             raise UserError("--workers must be >= 0")
         dataset = prepare(args.data, args.data_root, args.size, args.out, args.workers, args.length)

@@ -50,7 +50,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from torchvision.utils import make_grid, save_image
 
 import data
-from data import UserError
+from data import UserError, atomic_write
 from sagan import Generator, ModelConfig
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -293,10 +293,17 @@ def load_stats(path, dim=2048):
     found = f.files if isinstance(f, np.lib.npyio.NpzFile) else ["one array (.npy)"]
     if not {"mu", "sigma"} <= set(found):
         raise UserError(f"{path} is not an FID statistics file: need arrays mu and sigma, found {', '.join(found)}")
-    mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    try:
+        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (ValueError, TypeError, OSError) as e:  # object arrays, strings, a damaged member
+        raise UserError(f"cannot read statistics file {path}: {_first_line(e)}") from None
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} should be ({dim},) and ({dim}, {dim}), "
                         f"statistics of the {dim}-d pool3 Inception features")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path}: mu or sigma holds NaN or infinite values; compute the statistics again")
+    if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-8 * np.abs(sigma).max()):
+        raise UserError(f"{path}: sigma is not symmetric, so it is not a covariance matrix")
     return mu, sigma
 
 
@@ -305,8 +312,12 @@ def load_stats(path, dim=2048):
 CKPT_FORMAT, CKPT_VERSION = "sagan-checkpoint", 1  # train.GAN.state writes them
 
 
-def load_checkpoint(path):
-    """Load and validate a checkpoint; every way it can be wrong is one clear UserError."""
+CKPT_PARTS = ("step", "model", "train", "G", "D", "G_ema", "opt_G", "opt_D", "rng")
+
+
+def load_checkpoint(path, parts=CKPT_PARTS):
+    """Load and validate a checkpoint; every way it can be wrong is one clear UserError. `parts`
+    are the entries the caller needs (resuming needs all, sampling only the model and G)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -318,15 +329,23 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a sagan checkpoint")
     if ckpt.get("version") != CKPT_VERSION:
         raise UserError(f"{path} has checkpoint format version {ckpt.get('version')}; this code reads version {CKPT_VERSION}")
+    missing = [k for k in parts if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is a damaged sagan checkpoint: it lacks {', '.join(missing)}")
     return ckpt
 
 
 def _from_checkpoint(path, device, ema):
     """(G in eval mode, ModelConfig, "G_ema" or "G", step) from a train.py checkpoint."""
-    ckpt = load_checkpoint(path)
-    cfg, name = ModelConfig(**ckpt["model"]), "G_ema" if ema and ckpt.get("G_ema") is not None else "G"
-    G = Generator(cfg)
-    G.load_state_dict(ckpt[name])
+    ckpt = load_checkpoint(path, parts=("step", "model", "G"))
+    name = "G_ema" if ema and ckpt.get("G_ema") is not None else "G"
+    try:
+        cfg = ModelConfig(**ckpt["model"])
+        G = Generator(cfg)
+        G.load_state_dict(ckpt[name])
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # wrong fields, shapes, keys
+        raise UserError(f"{path} is a damaged sagan checkpoint: its {name} does not fit its model "
+                        f"configuration ({_first_line(e, 150)})") from None
     return G.eval().to(device), cfg, name, ckpt.get("step")
 
 
@@ -372,10 +391,13 @@ def compute_metrics(G, inception, n, ref_stats=None, batch_size=50, device="cpu"
 def _read_images(files):
     """uint8 (B, 3, H, W) from image files; mixed sizes are resized to 299 here, to make one batch.
     data.to_rgb converts 16-bit, palette and transparent images correctly."""
-    try:
-        images = [torch.from_numpy(np.array(data.to_rgb(Image.open(f)))).permute(2, 0, 1) for f in files]
-    except OSError as e:
-        raise UserError(f"cannot read image: {_first_line(e)}") from None
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(torch.from_numpy(np.array(data.to_rgb(im))).permute(2, 0, 1))
+        except Exception as e:  # OSError, a decompression bomb, ValueError, SyntaxError, ...
+            raise UserError(f"cannot read image {f}: {_first_line(e)}") from None
     if len({im.shape for im in images}) > 1:
         return torch.cat([tf1_resize(im[None].float(), 299) for im in images])
     return torch.stack(images)
@@ -509,7 +531,7 @@ class EvalConfig:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = data.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     for f in fields(EvalConfig):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kind, **f.metadata)
@@ -543,14 +565,23 @@ def _write_pictures(cfg, G, mcfg, device):
         z = torch.randn(cfg.k, mcfg.z_dim, generator=gen)
         y = torch.tensor(classes)[torch.randint(len(classes), (cfg.k,), generator=gen)] if classes else None
         images, beta, maps = attention_maps(G, z.to(device), None if y is None else y.to(device), points)
-        save_image(attention_figure(images, maps, points), cfg.attention)
+        atomic_write(cfg.attention, lambda f: save_image(attention_figure(images, maps, points), f, format=image_format(cfg.attention)))
         raw = os.path.splitext(cfg.attention)[0] + ".npz"
-        np.savez(raw, images=quantize(images).cpu().numpy(), beta=beta.float().cpu().numpy(), points=np.array(points),
-                 maps=maps.float().cpu().numpy(), labels=np.array([] if y is None else y.tolist()))
+        atomic_write(raw, lambda f: np.savez(f, images=quantize(images).cpu().numpy(), beta=beta.float().cpu().numpy(), points=np.array(points),
+                 maps=maps.float().cpu().numpy(), labels=np.array([] if y is None else y.tolist())))
         print(f"wrote {cfg.attention} and {raw} (beta: images x queries x keys = {tuple(beta.shape)})")
     if cfg.grid:
-        save_image(class_grid(G, classes, cfg.k, cfg.batch_size, device, cfg.seed), cfg.grid, nrow=cfg.k)
+        grid = class_grid(G, classes, cfg.k, cfg.batch_size, device, cfg.seed)
+        atomic_write(cfg.grid, lambda f: save_image(grid, f, nrow=cfg.k, format=image_format(cfg.grid)))
         print(f"wrote {cfg.grid}")
+
+
+def image_format(path):
+    """Pillow's format name for an output picture's extension ("fig.png" -> "PNG")."""
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise UserError(f"{path}: name the picture with an image extension such as .png")
+    return fmt
 
 
 def device_of(name):
@@ -569,6 +600,12 @@ def evaluate(cfg):
         raise UserError("give one source of images: --ckpt RUN/ckpt.pt, --images DIR|FILE.npy or --data SOURCE")
     if (cfg.attention or cfg.grid) and not cfg.ckpt:
         raise UserError("--attention and --grid draw samples of a generator: give --ckpt")
+    for picture in (cfg.attention, cfg.grid):
+        if picture:
+            image_format(picture)  # before the work, not after it
+    for written in (cfg.attention, cfg.grid, cfg.out, cfg.make_ref_stats):
+        if written and not os.path.isdir(os.path.dirname(os.path.abspath(written))):
+            raise UserError(f"cannot write {written}: its folder does not exist")
     device = device_of(cfg.device)
     ref = load_stats(cfg.ref_stats) if cfg.ref_stats else None  # fail before the long part
     result = {"n": cfg.n, "source": cfg.ckpt or cfg.images or cfg.data, "ref_stats": cfg.ref_stats or None}
@@ -587,24 +624,24 @@ def evaluate(cfg):
     pool, logits = inception_outputs(inception, batches, result["n"], device, "images")
     if cfg.make_ref_stats:
         mu, sigma = feature_stats(pool)
-        np.savez(cfg.make_ref_stats, mu=mu, sigma=sigma)  # the TTUR / pytorch-fid format
+        atomic_write(cfg.make_ref_stats, lambda f: np.savez(f, mu=mu, sigma=sigma))  # the TTUR / pytorch-fid format
         print(f"wrote {cfg.make_ref_stats}: mu and sigma of {result['n']} images of {result['source']}")
         return
     result.update(metrics(pool, logits, ref, cfg.splits))
+    if not all(math.isfinite(v) for v in result.values() if isinstance(v, float)):
+        raise UserError(f"the metrics are not finite ({result}): the images hold NaN or infinite values")
     fid = f"   FID {result['FID']:.3f}" if "FID" in result else ""
     print(f"IS {result['IS']:.3f} +- {result['IS_std']:.3f}{fid}   ({result['n']} images)")
     if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write(cfg.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
 
 
 def main(argv=None):
-    cfg = EvalConfig(**vars(build_parser().parse_args(argv)))
     with warnings.catch_warnings():  # restores the warnings machinery when main() is called in-process
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
         try:
-            evaluate(cfg)
+            evaluate(EvalConfig(**vars(build_parser().parse_args(argv))))
         except (UserError, OSError) as e:  # OSError: an output file that cannot be written
             print(f"error: {e}", file=sys.stderr)
             return 2

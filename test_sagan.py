@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import random as pyrandom
+import re
 import signal
 import subprocess
 import sys
@@ -449,7 +450,7 @@ def test_prepare_matches_the_direct_dataset(tmp_path):
             prepare_dataset = data.prepare(source, root, 12, out, workers=0, length=length,
                                            batch_size=5, log=f)
         assert f"{len(prepare_dataset)}/{len(prepare_dataset)}" in log.read_text()
-        assert sorted(p.name for p in out.iterdir()) == ["images.npy", "labels.npy", "meta.json"]
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["images.npy", "labels.npy", "meta.json"]
         direct = make_dataset(source, root, 12, length=length)
         prepared = make_dataset("prepared", out, 12)
         assert len(prepared) == len(direct) and prepared.n_classes == direct.n_classes
@@ -494,6 +495,10 @@ def test_prepare_command_line(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: data root {tmp_path / 'nowhere'} "
                                                 "does not exist"]
+    typo = subprocess.run(command[:-4] + ["--size", "8x", "--out", str(tmp_path / "out3")], capture_output=True,
+                          text=True, timeout=120)
+    assert typo.returncode == 2
+    assert typo.stderr.strip().splitlines() == ["error: argument --size: invalid int value: '8x' (see --help)"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,7 +602,7 @@ def test_imports_run_one_way():
 @pytest.mark.slow
 def test_run_folder_contents(tmp_path):
     assert train.main(TINY + ["--steps", "5", "--out", tmp_path]) == 0
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "config.json", "log.jsonl", "samples"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "config.json", "log.jsonl", "samples"]
     assert os.listdir(tmp_path / "samples") == ["step_0000005.png"]
     record = json.loads(open(tmp_path / "log.jsonl").readline())
     for key in ("step", "loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "gamma_g", "gamma_d", "images_per_s"):
@@ -670,6 +675,10 @@ def bad_train_inputs(tmp_path_factory):
     (["--attn", "8,x"], "--attn takes resolutions"),
     (["--attn", "32"], "attention resolution 32 is not a feature-map size"),
     (["--device", "tpu"], "--device tpu is not supported"),
+    (["--seed", "-1"], "--seed must lie in [0, 4294967294]"),
+    (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--seed", "4294967296"], "--seed must lie in [0, 4294967294]"),
     (["--workers", "-1"], "--workers must be at least 0"),
     (["--resume", "{d}/missing.pt"], "does not exist"),
     (["--resume", "{d}/junk.pt"], "not a readable sagan checkpoint"),
@@ -1099,7 +1108,19 @@ def bad_inputs(tmp_path_factory):
     np.savez(d / "dim.npz", mu=np.zeros(64), sigma=np.eye(64))
     (d / "junk.pt").write_text("junk")
     make_checkpoint(d / "noattn.pt", attn=())
+    np.savez(d / "nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    (d / "bomb").mkdir()  # a PNG header claiming 20000 x 20000 pixels: Pillow refuses to decode it
+    (d / "bomb" / "big.png").write_bytes(png_header(20000, 20000))
     return d
+
+
+def png_header(width, height):
+    """The first chunks of a PNG: its signature and an IHDR chunk (8-bit grey)."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -1128,9 +1149,15 @@ def bad_inputs(tmp_path_factory):
     (["--images", "{d}/empty", "--grid", "{d}/g.png"], "give --ckpt"),
     (["--data", "mnist", "--make-ref-stats", "{d}/s.npz"], "not a folder, a .npy file or a data source"),
     (["--data", "imagenet", "--make-ref-stats", "{d}/s.npz"], "data root"),
+    (["--ckpt", "{ckpt}", "--grid", "{d}/grid"], "name the picture with an image extension"),
+    (["--ckpt", "{ckpt}", "--attention", "{d}/fig5.pgx"], "name the picture with an image extension"),
+    (["--ckpt", "{ckpt}", "--ref-stats", "{d}/nan.npz"], "NaN or infinite"),
+    (["--n", "x"], "argument --n: invalid int value"),
+    (["--ckpt", "{ckpt}", "--out", "{d}/missing/metrics.json"], "its folder does not exist"),
+    (["--images", "{d}/bomb", "--splits", "1", "--inception-weights", "{w}"], "cannot read image"),
 ])
-def test_user_errors_print_one_line_and_exit_2(args, message, bad_inputs, ckpt, capsys):
-    argv = [a.format(d=bad_inputs, ckpt=ckpt) for a in args]
+def test_user_errors_print_one_line_and_exit_2(args, message, bad_inputs, ckpt, fid_weights, capsys):
+    argv = [a.format(d=bad_inputs, ckpt=ckpt, w=fid_weights) for a in args]
     assert ev.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
@@ -1336,3 +1363,266 @@ def test_bf16_training_steps_are_finite(tmp_path, device):
     assert train.main(TINY + ["--steps", "3", "--precision", "bf16", "--device", device, "--out", tmp_path]) == 0
     log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert all(np.isfinite(log[-1][k]) for k in ("loss_d_real", "loss_d_fake", "loss_g"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, for real: a run folder belongs to one run, real full disks, damaged files, hostile data
+# ---------------------------------------------------------------------------------------------
+
+def snapshot(folder):
+    """Every file under folder and its bytes (links as links)."""
+    return {str(p.relative_to(folder)): (os.readlink(p) if p.is_symlink() else p.read_bytes())
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() or p.is_symlink()}
+
+
+@pytest.mark.slow
+def test_a_fresh_run_never_destroys_the_run_in_its_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--steps", "4", "--log-every", "1", "--ckpt-every", "4", "--out", out]) == 0
+    before = snapshot(out)
+    # The most common thing a user does: the same command again, or a shorter one.
+    assert train.main(TINY + ["--steps", "3", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run (its checkpoint is at step 4)" in err
+    assert "--resume" in err and "--overwrite" in err
+    # A mistake found late (a statistics file that is not there) touches nothing either.
+    assert train.main(["--resume", "--out", out, "--steps", "6", "--eval-every", "2",
+                       "--ref-stats", tmp_path / "missing.npz"]) == 2
+    assert "cannot read statistics file" in capsys.readouterr().err
+    assert train.main(["--resume", "--overwrite", "--out", out]) == 2
+    assert snapshot(out) == before
+    # --overwrite starts afresh: the old checkpoint, log and samples go.
+    assert train.main(TINY + ["--steps", "2", "--log-every", "1", "--overwrite", "--out", out]) == 0
+    assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2]
+    assert train.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+    assert os.listdir(out / "samples") == ["step_0000002.png"]
+
+
+@pytest.mark.slow
+def test_a_second_process_in_a_run_folder_is_refused_and_the_first_goes_on(tmp_path, capsys):
+    proc = start_training(tmp_path, "--steps", "100000", "--log-every", "1", "--ckpt-every", "2")
+    try:
+        while "step 3/" not in proc.stdout.readline():
+            assert proc.poll() is None, proc.communicate()
+        for extra in (["--resume"], ["--overwrite"]):
+            assert train.main(TINY + extra + ["--out", tmp_path]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"is in use by a training run (pid {proc.pid})" in err, err
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "log.jsonl")]
+    assert steps == list(range(1, steps[-1] + 1))  # every step once, in order
+    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == steps[-1]
+    assert train.main(TINY + ["--resume", "--out", tmp_path, "--steps", steps[-1] + 1]) == 0  # the lock is gone
+
+
+def test_stale_temporary_files_are_removed_only_when_their_owner_is_gone(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        names = [f"ckpt.pt.tmp{dead.pid}", f"ckpt.pt.tmp{alive.pid}", f".staging{dead.pid}", "notes.tmp", "ckpt.pt"]
+        for name in names:
+            (tmp_path / name).write_text("x")
+        data.remove_stale(tmp_path)
+        assert sorted(os.listdir(tmp_path)) == sorted(names[1:2] + names[3:])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_full_disk_through_dev_full_is_one_warning_per_kind_and_training_goes_on(tmp_path, capsys):
+    """/dev/full answers every write with a genuine ENOSPC: the log line, the sample grid, the
+    checkpoint and config.json go through it via links, and each is written by the real code."""
+    assert train.main(TINY + ["--steps", "5", "--ckpt-every", "5", "--out", tmp_path]) == 0
+    capsys.readouterr()
+    (tmp_path / "log.jsonl").unlink()
+    pid = os.getpid()
+    for name in ("log.jsonl", f"ckpt.pt.tmp{pid}", f"config.json.tmp{pid}", f"samples/step_0000006.png.tmp{pid}"):
+        os.symlink("/dev/full", tmp_path / name)
+    assert train.main(["--resume", "--out", tmp_path, "--steps", "8", "--ckpt-every", "1", "--log-every", "1",
+                       "--sample-every", "6"]) == 0
+    err = capsys.readouterr().err
+    for what in ("log", "config.json", "sample grid"):
+        assert err.count(f"could not write the {what} in") == 1, err
+    assert err.count("could not write the checkpoint at step 6 (No space left on device); the previous one") == 1
+    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 8  # the next saves worked
+    assert os.readlink(tmp_path / "log.jsonl") == "/dev/full"
+    assert not [p for p in tmp_path.rglob("*.tmp*") if not p.is_symlink()]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MB filesystem (tmpfs; mounting needs root, as CI has)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def fill(folder):
+    """Fill the filesystem of folder to the last byte."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    for chunk in (b"\0" * 65536, b"\0"):
+        try:
+            while os.write(fd, chunk):
+                pass
+        except OSError:
+            pass
+    os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_keeps_every_previous_file_whole(small_disk, capsys):
+    """On a full filesystem torch.save fails inside its zip writer (a RuntimeError, not an
+    OSError), appends stop half-way and memory maps cannot grow: the checkpoint, the log, the
+    statistics and the prepared data stay as they were, each failure is one line, and a final
+    checkpoint that cannot be written is exit 2."""
+    run, prep = small_disk / "run", small_disk / "prep"
+    assert train.main(TINY + ["--steps", "3", "--log-every", "1", "--ckpt-every", "3", "--out", run]) == 0
+    data.prepare("synthetic", None, 8, prep, workers=0, length=20, log=open(os.devnull, "w"))
+    np.savez(small_disk / "stats.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with open(run / "log.jsonl", "a") as f:  # a valid line that ends the log on a page boundary,
+        size = f.tell() + len('{"step": 3, "pad": ""}\n')  # so that the next line needs a new page
+        f.write(json.dumps({"step": 3, "pad": "x" * (-size % 4096)}) + "\n")
+    before = snapshot(small_disk)
+    fill(small_disk)
+    capsys.readouterr()
+    assert train.main(["--resume", "--out", run, "--steps", "6", "--log-every", "1", "--ckpt-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write the checkpoint at step 4" in err and "the final checkpoint could not be written" in err
+    assert err.count("could not write the log") == 1 and "Traceback" not in err
+    with pytest.raises(UserError, match="cannot write the prepared data .* the previous preparation there is intact"):
+        data.prepare("synthetic", None, 8, prep, workers=0, length=50, log=open(os.devnull, "w"))
+    with pytest.raises(OSError):
+        data.atomic_write(small_disk / "stats.npz", lambda f: np.savez(f, mu=np.ones(3000), sigma=np.eye(300)))
+    (small_disk / "filler").unlink()
+    after = snapshot(small_disk)
+    assert {k: v for k, v in after.items() if k != "run/.lock"} == {k: v for k, v in before.items() if k != "run/.lock"}
+    assert len(make_dataset("prepared", prep, 8)) == 20
+    assert train.load_checkpoint(str(run / "ckpt.pt"))["step"] == 3
+
+
+@pytest.mark.slow
+def test_damaged_log_lines_are_dropped_with_one_warning(tmp_path, capsys):
+    assert train.main(TINY + ["--steps", "4", "--log-every", "1", "--ckpt-every", "4", "--out", tmp_path]) == 0
+    with open(tmp_path / "log.jsonl", "ab") as f:  # what full disks, crashes and accidents leave
+        f.write(b'{"step": 5, "loss_d_re\n\xff\xfe\x00garbage\n[1, 2]\n{"step": "6"}\n"text"\n')
+    capsys.readouterr()
+    assert train.main(["--resume", "--out", tmp_path, "--steps", "6"]) == 0
+    assert "dropped 5 damaged lines of 9" in capsys.readouterr().err
+    assert [json.loads(l)["step"] for l in open(tmp_path / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_with_missing_or_wrong_parts_is_one_line(tmp_path, ckpt):
+    whole = torch.load(ckpt, weights_only=True)
+    torch.save({k: v for k, v in whole.items() if k not in ("D", "opt_G")}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match="damaged sagan checkpoint: it lacks D, opt_G"):
+        train.load_checkpoint(str(tmp_path / "partial.pt"))
+    torch.save({**whole, "model": {**whole["model"], "ch": 16}}, tmp_path / "mismatch.pt")
+    with pytest.raises(UserError, match="its G_ema does not fit its model configuration"):
+        ev.load_generator(str(tmp_path / "mismatch.pt"))
+    torch.save({k: v for k, v in whole.items() if k != "G"}, tmp_path / "no_g.pt")
+    with pytest.raises(UserError, match="lacks G"):
+        ev.load_generator(str(tmp_path / "no_g.pt"))
+
+
+def test_a_prepared_folder_that_does_not_match_its_metadata_is_one_line(tmp_path):
+    out = tmp_path / "prep"
+    data.prepare("synthetic", None, 8, out, workers=0, length=12, log=open(os.devnull, "w"))
+    assert len(make_dataset("prepared", out, 8)) == 12
+    labels = np.load(out / "labels.npy")
+    meta = json.loads((out / "meta.json").read_text())
+    for name, content, message in [
+            ("labels.npy", labels[:5], "labels.npy is int64 (5,), meta.json says 12 labels"),
+            ("labels.npy", labels + 10, "labels outside 0..9"),
+            ("labels.npy", labels.astype(np.float32), "labels.npy is float32"),
+            ("meta.json", {**meta, "count": 13}, "images.npy is uint8 (12, 8, 8, 3), meta.json says 13 images"),
+            ("meta.json", {k: v for k, v in meta.items() if k != "count"}, "not from this version")]:
+        saved = (out / name).read_bytes()
+        if name == "meta.json":
+            (out / name).write_text(json.dumps(content))
+        else:
+            np.save(out / name, content)
+        with pytest.raises(UserError, match=re.escape(message)):
+            make_dataset("prepared", out, 8)
+        (out / name).write_bytes(saved)
+
+
+def test_two_prepares_into_one_folder_cannot_mix(tmp_path):
+    out = tmp_path / "prep"
+    out.mkdir()
+    with data.FolderLock(out, "data.py prepare (pid 12345)"):  # another process is preparing
+        with pytest.raises(UserError, match=r"is in use by data.py prepare"):
+            data.prepare("synthetic", None, 8, out, workers=0, length=12, log=open(os.devnull, "w"))
+    assert not (out / "meta.json").exists() and not (out / "images.npy").exists()
+
+
+def test_scanning_takes_regular_files_and_each_folder_once(tmp_path):
+    root = tmp_path / "data"
+    for rel in ("a/1.png", "a/2.png", "b/3.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(root / rel)
+    os.mkfifo(root / "a" / "fifo.png")  # opening it would block forever
+    os.symlink(".", root / "a" / "self")  # a loop
+    os.symlink("..", root / "b" / "up")  # back to the root: every image again, under label b
+    os.symlink("a", root / "c")  # a second link to a class folder
+    files, labels, classes, skipped = data.scan(root)
+    assert [os.path.relpath(f, root) for f in files] == ["a/1.png", "a/2.png", "b/3.png"]
+    assert labels == [0, 0, 1] and classes == ["a", "b"]
+    reasons = {os.path.relpath(p, root): r for p, r in skipped}
+    assert reasons["a/fifo.png"] == "not a regular file"
+    assert reasons["b/up"] == "link to a folder that contains the data root"
+    assert "read before" in reasons["a/self"] and "read before" in reasons["c"]
+
+
+@pytest.mark.slow
+def test_a_folder_with_a_fifo_and_a_link_loop_trains(tmp_path):
+    root = tmp_path / "data"
+    save_odd_images(root)
+    os.mkfifo(root / "stuck.png")
+    os.symlink(".", root / "again")
+    code, out, err = run_cli("train.py", "--data", "folder", "--data-root", root, "--size", "32", "--ch", "8",
+                             "--batch-size", "2", "--steps", "2", "--out", tmp_path / "run", timeout=120)
+    assert code == 0, err
+    assert "1 not a regular file (stuck.png)" in out and "link to a folder that contains the data root (again)" in out
+
+
+def test_statistics_that_would_poison_fid_are_refused_on_load(tmp_path):
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    bad = {"nan": (np.full(2048, np.nan), sigma), "inf": (mu, np.where(np.eye(2048) > 0, np.inf, 0.0)),
+           "asym": (mu, sigma + np.triu(np.ones((2048, 2048)), 1))}
+    for name, (m, s) in bad.items():
+        np.savez(tmp_path / f"{name}.npz", mu=m, sigma=s)
+    for name, message in [("nan", "NaN or infinite"), ("inf", "NaN or infinite"), ("asym", "not symmetric")]:
+        with pytest.raises(UserError, match=message):
+            ev.load_stats(str(tmp_path / f"{name}.npz"))
+    np.savez(tmp_path / "good.npz", mu=mu, sigma=sigma)
+    assert ev.load_stats(str(tmp_path / "good.npz"))[0].shape == (2048,)
+
+
+def test_a_second_signal_stops_at_once_and_frees_the_folder(tmp_path, monkeypatch, capsys):
+    assert train.main(TINY + ["--steps", "2", "--ckpt-every", "2", "--out", tmp_path]) == 0
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    real_iteration = train.GAN.iteration
+
+    def stuck(self, batches):  # as if blocked in a read: only a signal gets it out
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        return real_iteration(self, batches)
+    monkeypatch.setattr(train.GAN, "iteration", stuck)
+    start = time.time()
+    assert train.main(["--resume", "--out", tmp_path, "--steps", "10"]) == 130
+    assert time.time() - start < 30 and "second signal" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+    monkeypatch.setattr(train.GAN, "iteration", real_iteration)
+    assert train.main(["--resume", "--out", tmp_path, "--steps", "3"]) == 0  # the folder is free again

@@ -22,11 +22,13 @@ ckpt.pt (written atomically: temp file, fsync, rename). Speed is measured by ben
 import argparse
 import copy
 import dataclasses
+import errno
 import glob
 import json
 import os
 import random
 import signal
+import stat
 import sys
 import time
 from collections import namedtuple
@@ -41,7 +43,7 @@ from torch.nn.utils import parametrize
 from torchvision.utils import save_image
 
 import evaluate
-from data import UserError, make_dataset
+from data import ArgumentParser, FolderLock, UserError, atomic_write, make_dataset, remove_stale
 from evaluate import CKPT_FORMAT, CKPT_VERSION, load_checkpoint
 from sagan import Discriminator, Generator, ModelConfig, d_hinge_loss, g_hinge_loss
 
@@ -80,6 +82,7 @@ class TrainConfig:
     ema_start: int = opt(2000, "copy G into the EMA until this step")
     # runtime
     out: str = opt("runs/sagan", "run folder")
+    overwrite: bool = opt(False, "start afresh in a run folder that holds a run (deletes its checkpoint, log and samples)")
     seed: int = 0
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
@@ -125,7 +128,7 @@ PRESETS_BY_SIZE = {
 def build_parser(config_class=TrainConfig):
     """One flag per field of config_class, with ModelConfig's fields in place of `model`."""
     doc = sys.modules[config_class.__module__].__doc__
-    p = argparse.ArgumentParser(description=doc.split("\n")[0], allow_abbrev=False)
+    p = ArgumentParser(description=doc.split("\n")[0], allow_abbrev=False)
     model_fields = [f for f in dataclasses.fields(ModelConfig) if f.name in MODEL_HELP]
     for f in dataclasses.fields(config_class):
         for f in model_fields if f.name == "model" else [f]:
@@ -181,6 +184,12 @@ def check_config(cfg, world=1, needs_data=True):
         raise UserError(f"--precision must be auto, fp32 or bf16, got {cfg.precision}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and 0 <= cfg.ema_decay < 1):
         raise UserError("--beta1, --beta2 and --ema-decay must lie in [0, 1)")
+    if not cfg.out.strip():
+        raise UserError("--out must name a folder")
+    if not 0 <= cfg.seed <= 2**32 - 1 - world:
+        raise UserError(f"--seed must lie in [0, {2**32 - 1 - world}], got {cfg.seed}")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
     if cfg.batch_size % (world * cfg.accum):
         raise UserError(f"--batch-size {cfg.batch_size} must divide by processes x --accum = {world * cfg.accum}")
     if needs_data and cfg.data not in ("synthetic", "cifar10") and not cfg.data_root:
@@ -284,8 +293,8 @@ def device_batches(dataset, cfg, start, device, memory_format, rank=0, world=1):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: tensors and plain types only, written atomically, loaded with weights_only=True
-# (evaluate.load_checkpoint reads them)
+# Checkpoints: tensors and plain types only (GAN.state), written atomically (data.atomic_write),
+# loaded with weights_only=True (evaluate.load_checkpoint)
 # ---------------------------------------------------------------------------------------------
 
 def rng_state():
@@ -303,25 +312,6 @@ def set_rng_state(state):
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def atomic_save(obj, path):
-    """Write to a temporary file, flush and fsync it, then rename it over `path`: a crash at any
-    moment leaves either the old checkpoint or the new one, never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)  # make the rename itself durable
-        finally:
-            os.close(fd)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,39 +460,117 @@ LOGGED = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake")
 
 
 class RunFolder:
-    """What a run keeps on disk, written by rank 0 alone: config.json, log.jsonl, samples/, ckpt.pt."""
+    """What a run keeps on disk, written by rank 0 alone: config.json, log.jsonl, samples/, ckpt.pt.
+
+    A folder belongs to one run: a fresh run into a folder that holds a checkpoint is refused
+    (unless --overwrite), and a lock (data.FolderLock) refuses a second process while one trains.
+    Every file is written atomically or, for log lines, appended whole or not at all; a write
+    that fails (a full disk, an I/O error) is one warning, and training goes on.
+    """
 
     def __init__(self, out):
         self.out = out
         self.ckpt = os.path.join(out, "ckpt.pt")
         self.log_path = os.path.join(out, "log.jsonl")
+        self.lock, self.failing = None, set()
+
+    def refuse_to_overwrite(self, cfg):
+        """A fresh run must not destroy the run already in the folder (only reads)."""
+        if cfg.resume or cfg.overwrite or not os.path.exists(self.ckpt):
+            return
+        try:
+            step = f"at step {torch.load(self.ckpt, map_location='cpu', weights_only=True, mmap=True)['step']}"
+        except Exception:
+            step = "unreadable"
+        raise UserError(f"{self.out} already holds a run (its checkpoint is {step}); continue it with "
+                        f"--resume, choose another --out, or start afresh with --overwrite")
 
     def open(self, cfg, mcfg, start):
-        """Checks that the folder can be written, removes the temporary files of a killed save,
-        cuts the log back to step `start` (a resumed run writes what follows again), and writes
-        the resolved configuration to config.json (and the console)."""
+        """Takes the folder for this run, after every check: locks it, removes the temporary
+        files of dead processes, clears it for --overwrite, cuts the log back to step `start`
+        (a resumed run writes what follows again) and writes config.json (and the console)."""
         try:
             os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
-            probe = os.path.join(self.out, f".write-test{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
         except OSError as e:
             raise UserError(f"cannot write to the output folder {self.out}: {e.strerror or e}") from None
-        for stale in glob.glob(self.ckpt + ".tmp*"):
-            os.remove(stale)
-        if os.path.exists(self.log_path):
-            with open(self.log_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-            with open(self.log_path, "w") as f:
-                f.writelines(kept)
-        print("config:", json.dumps(dataclasses.asdict(cfg)), "\nmodel:", json.dumps(dataclasses.asdict(mcfg)))
-        with open(os.path.join(self.out, "config.json"), "w") as f:
-            json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}, f, indent=1)
+        self.lock = FolderLock(self.out, "a training run").__enter__()
+        try:
+            self.refuse_to_overwrite(cfg)  # again, now that no other process can start a run here
+            remove_stale(self.out)
+            remove_stale(os.path.join(self.out, "samples"))
+            if cfg.overwrite:
+                for path in [self.ckpt, self.log_path] + glob.glob(os.path.join(self.out, "samples", "*.png")):
+                    if os.path.exists(path):
+                        os.remove(path)
+            self.trim_log(start)
+            print("config:", json.dumps(dataclasses.asdict(cfg)), "\nmodel:", json.dumps(dataclasses.asdict(mcfg)))
+            text = json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}, indent=1)
+            self.attempt("config.json", lambda: atomic_write(os.path.join(self.out, "config.json"),
+                                                            lambda f: f.write(text.encode())))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+            self.lock = None
+
+    def trim_log(self, start):
+        """Keeps the log's lines up to step `start`. A damaged line (half a line from a full disk,
+        garbage, not a JSON object with an integer step) is dropped, with one warning."""
+        if not os.path.isfile(self.log_path):
+            return
+        with open(self.log_path, "rb") as f:
+            lines = [line for line in f.read().split(b"\n") if line.strip()]
+        kept, damaged = [], 0
+        for line in lines:
+            try:
+                record = json.loads(line)
+                good = isinstance(record, dict) and type(record.get("step")) is int
+            except ValueError:  # not JSON, or not UTF-8
+                good = False
+            damaged += not good
+            if good and record["step"] <= start:
+                kept.append(line + b"\n")
+        if damaged:
+            print(f"warning: dropped {damaged} damaged line{'s' * (damaged > 1)} of {len(lines)} from {self.log_path}",
+                  file=sys.stderr)
+        if len(kept) < len(lines):
+            self.attempt("log", lambda: atomic_write(self.log_path, lambda f: f.writelines(kept)))
+
+    def attempt(self, what, write):
+        """Runs write(); an OSError is one warning (until the same kind of write works again)."""
+        try:
+            write()
+        except OSError as e:
+            if what not in self.failing:
+                print(f"warning: could not write the {what} in {self.out} ({e.strerror or e}); training goes on",
+                      file=sys.stderr)
+            self.failing.add(what)
+            return False
+        self.failing.discard(what)
+        return True
 
     def log(self, record):
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Appends one line, whole or not at all: after a failed or short write the file is cut
+        back to its length before, so a full disk never leaves half a line."""
+        line = (json.dumps(record) + "\n").encode()
+
+        def append():
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    if os.write(fd, line) != len(line):
+                        raise OSError(errno.ENOSPC, "short write")
+                except OSError:
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                        os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)
+        self.attempt("log", append)
 
     def save(self, gan, step):
         """Writes the checkpoint; False, with a warning, when the disk refuses (the previous one stays)."""
@@ -510,7 +578,7 @@ class RunFolder:
         if bad:
             raise TrainingDiverged(f"weight {bad} is not finite at step {step}; the last good checkpoint is kept in {self.ckpt}")
         try:
-            atomic_save(gan.state(step), self.ckpt)
+            atomic_write(self.ckpt, lambda f: torch.save(gan.state(step), f))
         except OSError as e:
             print(f"warning: could not write the checkpoint at step {step} ({e.strerror or e}); "
                   f"the previous one in {self.ckpt} is intact", file=sys.stderr)
@@ -528,7 +596,9 @@ class RunFolder:
         G.eval()  # running BN statistics; no spectral-norm update, so training is not disturbed
         x = G(z, y)
         G.train(training)
-        save_image(x.float() * 0.5 + 0.5, os.path.join(self.out, "samples", f"step_{step:07d}.png"), nrow=cols)
+        path = os.path.join(self.out, "samples", f"step_{step:07d}.png")
+        self.attempt("sample grid", lambda: atomic_write(path, lambda f: save_image(
+            x.float() * 0.5 + 0.5, f, nrow=cols, format="PNG")))
 
 
 class Progress:
@@ -561,15 +631,21 @@ def format_eta(seconds):
 
 
 class StopSignals:
-    """Ctrl-C and SIGTERM (a preemption) ask the loop to stop after the current step. Every DDP
-    process catches them (torchrun forwards them to all), and `agreed` makes all of them stop at
-    the same step, from one snapshot per step: a signal landing after it counts next step."""
+    """Ctrl-C and SIGTERM (a preemption) ask the loop to stop after the current step, with a
+    checkpoint. Every DDP process catches them (torchrun forwards them to all), and `agreed`
+    makes all of them stop at the same step, from one snapshot per step: a signal landing after
+    it counts next step. A second signal stops the process at once (KeyboardInterrupt), wherever
+    it is waiting, keeping the last checkpoint."""
 
     def __enter__(self):
         self.caught = []
-        self.saved = {s: signal.signal(s, lambda signum, frame: self.caught.append(signum))
-                      for s in (signal.SIGINT, signal.SIGTERM)}
+        self.saved = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
+
+    def catch(self, signum, frame):
+        if self.caught:
+            raise KeyboardInterrupt
+        self.caught.append(signum)
 
     def __exit__(self, *exc):
         for s, handler in self.saved.items():
@@ -632,19 +708,33 @@ def due(done, every, cfg):
 def train(cfg, given=frozenset()):
     """Train (or continue) a run; returns the number of steps done."""
     device, rank, world = setup_processes(cfg)
-    cfg, ckpt = with_resume(cfg, given)
-    check_config(cfg, world)
-    main = rank == 0
-    dataset = make_dataset(cfg.data, cfg.data_root or None, cfg.model.size)
-    mcfg = cfg.model = dataclasses.replace(cfg.model, n_classes=dataset.n_classes)
-    if ckpt is not None:
-        check_resumable(ckpt, mcfg, cfg.resume)
-    evaluator = make_evaluator(cfg, device) if cfg.eval_every and main else None
-    start = ckpt["step"] if ckpt is not None else 0
-    run = RunFolder(cfg.out)
-    if main:
-        run.open(cfg, mcfg, start)
+    try:
+        cfg, ckpt = with_resume(cfg, given)
+        check_config(cfg, world)
+        main = rank == 0
+        run = RunFolder(cfg.out)
+        if main:
+            run.refuse_to_overwrite(cfg)
+        dataset = make_dataset(cfg.data, cfg.data_root or None, cfg.model.size)
+        mcfg = cfg.model = dataclasses.replace(cfg.model, n_classes=dataset.n_classes)
+        if ckpt is not None:
+            check_resumable(ckpt, mcfg, cfg.resume)
+        evaluator = make_evaluator(cfg, device) if cfg.eval_every and main else None
+        start = ckpt["step"] if ckpt is not None else 0
+        if main:  # every check is done: from here on the folder is this run's
+            run.open(cfg, mcfg, start)
+        try:
+            return loop(cfg, mcfg, ckpt, start, dataset, run, evaluator, device, rank, world)
+        finally:
+            run.close()
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
+
+def loop(cfg, mcfg, ckpt, start, dataset, run, evaluator, device, rank, world):
+    """The training loop, from step `start` on; returns the number of steps done."""
+    main = rank == 0
     for seed_everything in (random.seed, np.random.seed, torch.manual_seed):
         seed_everything(cfg.seed + rank)
     gan = GAN(cfg, mcfg, device, world, amp=use_bf16(cfg, device), channels_last=cfg.channels_last)
@@ -659,43 +749,39 @@ def train(cfg, given=frozenset()):
         print(dataset.summary)
 
     progress, done = Progress(cfg, start), start
-    try:
-        with StopSignals() as signals:
-            for step in range(start, cfg.steps):
-                stats = gan.iteration(batches)  # D step(s) and G step: Eq. (4) with TTUR
-                gan.update_ema(step)
-                if not torch.isfinite(stats).all():  # the divergence guard, every step
-                    i = int((~torch.isfinite(stats)).nonzero()[0])
-                    raise TrainingDiverged(f"{LOGGED[i]} is {stats[i].item()} at step {step + 1}; "
-                                           f"the last good checkpoint is kept in {run.ckpt}")
-                done, stopping = step + 1, signals.agreed(world, device)
-                if main and due(done, cfg.log_every, cfg):
-                    run.log(progress.record(done, stats, gan))
-                G_show = gan.G_ema if gan.G_ema is not None else gan.G
-                if main and due(done, cfg.sample_every, cfg):
-                    run.samples(G_show, mcfg, cfg.seed, done, device)
-                if evaluator is not None and done % cfg.eval_every == 0:
-                    metrics = evaluator(G_show)
-                    run.log({"step": done, **metrics})
-                    print(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
-                if main and (due(done, cfg.ckpt_every, cfg) or stopping):
-                    if not run.save(gan, done) and (done == cfg.steps or stopping):
-                        raise UserError(f"the final checkpoint could not be written to {run.ckpt}")
-                if stopping:
-                    if main:
-                        print(f"stopped by signal {signals.name} at step {done}; checkpoint saved to {run.ckpt}; "
-                              f"continue with: python train.py --resume --out {cfg.out}", flush=True)
-                    break
-            else:
-                done = max(start, cfg.steps)
-                if main and getattr(dataset, "summary", ""):
-                    print(dataset.summary)
-            if world > 1:  # wait for rank 0's last save: a process leaving early tears the group down
-                dist.barrier()
-        return done
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    with StopSignals() as signals:
+        for step in range(start, cfg.steps):
+            stats = gan.iteration(batches)  # D step(s) and G step: Eq. (4) with TTUR
+            gan.update_ema(step)
+            if not torch.isfinite(stats).all():  # the divergence guard, every step
+                i = int((~torch.isfinite(stats)).nonzero()[0])
+                raise TrainingDiverged(f"{LOGGED[i]} is {stats[i].item()} at step {step + 1}; "
+                                       f"the last good checkpoint is kept in {run.ckpt}")
+            done, stopping = step + 1, signals.agreed(world, device)
+            if main and due(done, cfg.log_every, cfg):
+                run.log(progress.record(done, stats, gan))
+            G_show = gan.G_ema if gan.G_ema is not None else gan.G
+            if main and due(done, cfg.sample_every, cfg):
+                run.samples(G_show, mcfg, cfg.seed, done, device)
+            if evaluator is not None and done % cfg.eval_every == 0:
+                metrics = evaluator(G_show)
+                run.log({"step": done, **metrics})
+                print(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+            if main and (due(done, cfg.ckpt_every, cfg) or stopping):
+                if not run.save(gan, done) and (done == cfg.steps or stopping):
+                    raise UserError(f"the final checkpoint could not be written to {run.ckpt}")
+            if stopping:
+                if main:
+                    print(f"stopped by signal {signals.name} at step {done}; checkpoint saved to {run.ckpt}; "
+                          f"continue with: python train.py --resume --out {cfg.out}", flush=True)
+                break
+        else:
+            done = max(start, cfg.steps)
+            if main and getattr(dataset, "summary", ""):
+                print(dataset.summary)
+        if world > 1:  # wait for rank 0's last save: a process leaving early tears the group down
+            dist.barrier()
+    return done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,6 +797,9 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("stopped at once by a second signal; the last checkpoint written is kept", file=sys.stderr)
+        return 130
     return 0
 
 
