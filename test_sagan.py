@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pickle
 import random as pyrandom
@@ -23,10 +24,12 @@ import time
 import urllib.error
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import benchmark
@@ -34,8 +37,8 @@ import data
 import evaluate as ev
 import train
 from data import UserError, make_dataset
-from sagan import (Discriminator, Generator, ModelConfig, SelfAttention, d_hinge_loss,
-                   g_hinge_loss)
+from sagan import (ConditionalBatchNorm, Discriminator, Generator, ModelConfig, SelfAttention, attention_map,
+                   d_hinge_loss, g_hinge_loss, sn)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The GPU code paths are tested where a GPU is present (`pytest -k cuda` runs just those).
@@ -57,17 +60,79 @@ def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+# The exercise checks (course/exercises.py) are the tests marked with an exercise's name; their
+# messages start with it and name the likely mistake, for a student who filled in a blank.
+
+def check_value(exercise, what, got, want, mistakes=(), rtol=1e-5, atol=1e-6):
+    """`got` must equal `want`; when it does not, the failure names the first of the
+    (message, value) mistakes that `got` equals instead, or says how far off it is."""
+    def as64(x):  # Python floats would become float32 tensors
+        return x.detach().double() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.float64))
+    got, want = as64(got), as64(want)
+    if got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=atol):
+        return
+    for message, value in mistakes:
+        value = as64(value)
+        if got.shape == value.shape and torch.allclose(got, value, rtol=rtol, atol=atol):
+            pytest.fail(f"{exercise}: {what}: {message}", pytrace=False)
+    if got.shape != want.shape:
+        pytest.fail(f"{exercise}: {what} has shape {tuple(got.shape)}, expected {tuple(want.shape)}", pytrace=False)
+    error = ((got - want).norm() / want.norm().clamp(min=1e-12)).item()
+    pytest.fail(f"{exercise}: {what} is off by {error:.2g} relative to the expected value", pytrace=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # sagan.py: self-attention
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.attention_map
+def test_attention_map_is_the_softmax_over_keys_of_unscaled_scores():
+    """Eq. (1) on random queries (B, C', N) and keys (B, C', M), N != M, against torch's
+    scaled_dot_product_attention with scale 1 and the identity as values, which returns beta."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = 2 * torch.randn(2, 4, 12, generator=gen), 2 * torch.randn(2, 4, 6, generator=gen)
+    beta = attention_map(q, k)
+    assert beta.shape == (2, 12, 6), (f"attention_map: beta has shape {tuple(beta.shape)}, expected (B, N, M) = "
+                                      f"(2, 12, 6): a row per query j, a column per key i")
+
+    def sdpa(scale):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), torch.eye(6).expand(2, 6, 6),
+                                              scale=scale)
+    scores = torch.einsum("bcn,bcm->bnm", q, k)
+    check_value("attention_map", "beta", beta, sdpa(1.0), [
+        ("softmax over the queries j (dim=1) instead of the keys i: each row of beta must sum to 1", scores.softmax(1)),
+        ("the scores are divided by sqrt(d), which SAGAN does not do (its scale is 1)", sdpa(None)),
+        ("these are the raw scores s: beta is their softmax over the keys", scores)])
+
+
+@pytest.mark.attention_output
 @pytest.mark.parametrize("pooled", [True, False])
 def test_attention_is_identity_at_init(pooled):
     torch.manual_seed(0)
     attn = SelfAttention(32, pooled=pooled)
     x = torch.randn(2, 32, 8, 8)
-    assert attn.gamma.item() == 0.0
-    assert torch.equal(attn(x), x)
+    assert isinstance(attn.gamma, torch.nn.Parameter) and attn.gamma.shape == (), \
+        "attention_output: gamma must be a learnable scalar, an nn.Parameter of shape ()"
+    assert attn.gamma.item() == 0.0, f"attention_output: gamma starts at {attn.gamma.item():g}; Eq. (3) starts it at 0"
+    assert torch.equal(attn(x), x), "attention_output: at gamma = 0 the block must return x exactly (y = gamma o + x)"
+
+
+@pytest.mark.attention_output
+def test_attention_output_is_gamma_times_v_of_o_plus_x():
+    """Eq. (2) and (3) with gamma set to 0.7. o comes from the fused path, as in forward by
+    default: the explicit one would make this check depend on the attention_map exercise."""
+    torch.manual_seed(0)
+    attn = SelfAttention(16).eval()  # eval: spectral norm keeps its vectors between the calls
+    with torch.no_grad():
+        attn.gamma.fill_(0.7)
+    x = torch.randn(2, 16, 4, 4)
+    y = attn(x)
+    o = attn.fused(x)  # (B, C/2, N)
+    vo = attn.v(o.reshape(2, 8, 4, 4))
+    check_value("attention_output", "y", y, 0.7 * vo + x, [
+        ("the residual is missing: Eq. (3) adds the input x", 0.7 * vo),
+        ("gamma is missing: Eq. (3) scales the attention output by gamma", vo + x),
+        ("gamma scales x too: only the attention output is scaled", 0.7 * (vo + x))])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -189,28 +254,72 @@ def test_attention_defaults_to_the_size_and_bad_configs_are_refused():
         ModelConfig(size=128, attn=(128,))
 
 
+@pytest.mark.conditioning
+def test_conditional_batch_norm_scales_and_shifts_by_class():
+    torch.manual_seed(0)
+    cbn = ConditionalBatchNorm(6, n_classes=4)
+    with torch.no_grad():  # away from their starting values, gain 1 and bias 0, to tell them apart
+        cbn.gain.weight.uniform_(0.5, 1.5)
+        cbn.bias.weight.normal_()
+    x, y = 2 * torch.randn(8, 6, 3, 3) + 1, torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    out = cbn(x, y)
+    x_hat = F.batch_norm(x, None, None, training=True, eps=cbn.bn.eps)  # per channel over (B, H, W)
+    gain, bias = cbn.gain.weight[y][:, :, None, None], cbn.bias.weight[y][:, :, None, None]  # (B, C, 1, 1)
+    check_value("conditioning", "ConditionalBatchNorm's output", out, x_hat * gain + bias, [
+        ("the gain table starts at 1 (difference 5): multiply by gain(y), not by 1 + gain(y)", x_hat * (1 + gain) + bias),
+        ("gain and bias are swapped", x_hat * bias + gain),
+        ("x is not normalised: apply the per-class gain and bias to the batch-normalised x", x * gain + bias)])
+
+
+@pytest.mark.conditioning
+def test_projection_adds_the_class_embedding_dot_phi():
+    """D(x, y) = psi(phi(x)) + <embed(y), phi(x)>, with phi(x) and psi read off D.linear."""
+    torch.manual_seed(0)
+    D = Discriminator(ModelConfig(size=32, ch=8, n_classes=5, attn=())).eval()
+    seen = {}
+    D.linear.register_forward_hook(lambda m, args, out: seen.update(phi=args[0], psi=out.squeeze(1)))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 4])
+    out = D(x, y)
+    projection = (D.embed(y) * seen["phi"]).sum(1)
+    check_value("conditioning", "D(x, y)", out, seen["psi"] + projection, [
+        ("the projection term <embed(y), phi(x)> is missing: D ignores the label", seen["psi"]),
+        ("the unconditional term psi(phi(x)) is gone: add the projection to out, do not replace it", projection)])
+
+
+@pytest.mark.conditioning
 def test_projection_uses_the_label():
     torch.manual_seed(0)
     cfg = ModelConfig(size=32, ch=8, n_classes=10, attn=())
     D = Discriminator(cfg).eval()
     x = torch.randn(1, 3, 32, 32)
-    assert D(x, torch.tensor([1])).item() != D(x, torch.tensor([2])).item()
+    assert D(x, torch.tensor([1])).item() != D(x, torch.tensor([2])).item(), \
+        "conditioning: D gives the same logit for two labels: the projection term is missing"
 
 
 # ---------------------------------------------------------------------------------------------
 # sagan.py: losses and gradients
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.hinge_loss
 def test_hinge_losses_on_hand_picked_logits():
     real = torch.tensor([2.0, 0.5, -1.0])  # margins: 0, 0.5, 2
     fake = torch.tensor([-3.0, 0.0, 1.0])  # margins: 0, 1, 2
-    loss_real, loss_fake = d_hinge_loss(real, fake)
-    assert loss_real.item() == pytest.approx(2.5 / 3, abs=1e-7)
-    assert loss_fake.item() == pytest.approx(3.0 / 3, abs=1e-7)
-    assert g_hinge_loss(fake).item() == pytest.approx(2.0 / 3, abs=1e-7)
+    halves = d_hinge_loss(real, fake)
+    assert isinstance(halves, (tuple, list)) and len(halves) == 2, \
+        "hinge_loss: d_hinge_loss returns L_D's two halves, (real part, fake part), not their sum"
+    check_value("hinge_loss", "D's loss on real images", halves[0], 2.5 / 3, [
+        ("sign error: real logits must be pushed above +1, max(0, 1 - D(x, y))", 4.5 / 3),
+        ("not clipped at 0: a real logit above 1 costs nothing, max(0, 1 - D(x, y))", 1.5 / 3)])
+    check_value("hinge_loss", "D's loss on fake images", halves[1], 3.0 / 3, [
+        ("sign error: fake logits must be pushed below -1, max(0, 1 + D(G(z), y))", 5.0 / 3),
+        ("not clipped at 0: a fake logit below -1 costs nothing, max(0, 1 + D(G(z), y))", 1.0 / 3)])
+    check_value("hinge_loss", "G's loss", g_hinge_loss(fake), 2.0 / 3, [
+        ("sign error: G raises D's logits on its images, L_G = -E[D(G(z), y)]", -2.0 / 3),
+        ("G's loss is not a hinge in SAGAN: L_G = -E[D(G(z), y)], unclipped", 5.0 / 3)])
     # Saturated on both sides: a confident, correct D has zero loss, and G's loss is not clipped.
-    assert d_hinge_loss(torch.tensor([1.0, 5.0]), torch.tensor([-1.0, -5.0])) == (0.0, 0.0)
-    assert g_hinge_loss(torch.tensor([-5.0])).item() == 5.0
+    assert d_hinge_loss(torch.tensor([1.0, 5.0]), torch.tensor([-1.0, -5.0])) == (0.0, 0.0), \
+        "hinge_loss: D's loss must be 0 once D(x) >= 1 and D(G(z)) <= -1"
+    assert g_hinge_loss(torch.tensor([-5.0])).item() == 5.0, "hinge_loss: G's loss must not be clipped"
 
 
 def test_one_d_step_and_one_g_step_reach_every_parameter():
@@ -236,12 +345,14 @@ def test_one_d_step_and_one_g_step_reach_every_parameter():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.attention_output
 def test_gamma_gets_a_gradient_at_zero():
     """gamma starts at 0 but must still learn: its gradient is <o, dL/dy>, not zero."""
     attn = SelfAttention(16)
     x = torch.randn(2, 16, 8, 8)
     attn(x).pow(2).sum().backward()
-    assert attn.gamma.grad.abs() > 0
+    assert attn.gamma.grad is not None and attn.gamma.grad.abs() > 0, \
+        "attention_output: gamma gets no gradient at 0; it must multiply o in y = gamma o + x, and not be detached"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,6 +686,140 @@ def test_ema_generator_is_normalised_by_its_own_spectral_norm():
         assert max(sigmas(borrowed).values()) > 1.02
 
 
+class StandInG(torch.nn.Module):
+    """A generator just big enough to check the update rules alone: (z, y) -> (B, 3, 4, 4)."""
+    attention_layers = []
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.linear, self.embed = torch.nn.Linear(cfg.z_dim, 48), torch.nn.Embedding(cfg.n_classes, 48)
+
+    def forward(self, z, y):
+        return torch.tanh(self.linear(z) + self.embed(y)).view(-1, 3, 4, 4)
+
+
+class StandInD(torch.nn.Module):
+    """A discriminator with one spectrally normalised layer (whose power iterations show) and a
+    per-class term."""
+    attention_layers = []
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.linear, self.embed = sn(torch.nn.Linear(48, 1)), torch.nn.Embedding(cfg.n_classes, 1)
+
+    def forward(self, x, y):
+        return self.linear(x.flatten(1)).squeeze(1) + self.embed(y).squeeze(1)
+
+
+def stand_in_gan(monkeypatch):
+    """train.GAN around StandInG and StandInD, with the hinge losses replaced by the original GAN's
+    (non-saturating) losses that record their inputs, and every forward of G and D recorded: the
+    D- and G-step checks test the update itself, not the model's or the losses' exercises."""
+    monkeypatch.setattr(train, "Generator", StandInG)
+    monkeypatch.setattr(train, "Discriminator", StandInD)
+    seen = SimpleNamespace(G=[], D=[], d_loss=[], g_loss=[])
+
+    def d_loss(real, fake):
+        seen.d_loss.append((real.detach().clone(), fake.detach().clone()))
+        return F.softplus(-real).mean(), F.softplus(fake).mean()
+
+    def g_loss(fake):
+        seen.g_loss.append(fake.detach().clone())
+        return F.softplus(-fake).mean()
+    monkeypatch.setattr(train, "d_hinge_loss", d_loss)
+    monkeypatch.setattr(train, "g_hinge_loss", g_loss)
+    torch.manual_seed(0)
+    cfg, _ = train.parse_config(TINY)
+    gan = train.GAN(cfg, dataclasses.replace(cfg.model, n_classes=5), torch.device("cpu"))
+    for net, calls in ((gan.G, seen.G), (gan.D, seen.D)):
+        def record(m, args, kwargs, out, calls=calls):
+            a, b = (list(args) + list(kwargs.values()))[:2]
+            calls.append(SimpleNamespace(a=a.detach().clone(), b=b.detach().clone(), graph=a.requires_grad,
+                                         training=m.training, out=out.detach().clone()))
+        net.register_forward_hook(record, with_kwargs=True)
+    return gan, seen
+
+
+def grads_of(net):
+    return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.d_step
+def test_d_step_updates_d_on_real_and_fake_in_one_batch(monkeypatch):
+    gan, seen = stand_in_gan(monkeypatch)
+    x_real, y_real = torch.rand(8, 3, 4, 4) * 2 - 1, torch.randint(0, 5, (8,))
+    for step in range(2):  # the second step shows gradients left over from the first
+        G0, D0 = copy.deepcopy(gan.G), copy.deepcopy(gan.D)
+        seen.G.clear(), seen.D.clear(), seen.d_loss.clear()
+        loss_real, loss_fake, logits = gan.d_step(iter([(x_real, y_real)]))
+        assert len(seen.D) == 1, (f"d_step: D ran {len(seen.D)} forwards in one D step; put the real and the fake "
+                                  f"images through it in one batch (torch.cat), so that its spectral norm runs one "
+                                  f"power iteration per D step (README, difference 7)")
+        assert len(seen.G) == 1, f"d_step: G ran {len(seen.G)} times; one batch of fake images per micro-batch"
+        d, g = seen.D[0], seen.G[0]
+        assert d.training, "d_step: D must be in training mode in the D step (its spectral norm iterates then)"
+        assert d.a.shape[0] == 16 and torch.equal(d.a[:8], x_real), \
+            "d_step: D's batch must hold the real images first, then the fake ones (logits.chunk(2) reads real first)"
+        assert torch.equal(d.a[8:], g.out), "d_step: the second half of D's batch must be G's fake images"
+        assert torch.equal(d.b, torch.cat([y_real, g.b])), \
+            "d_step: D must see each real image with its label and each fake one with the label G made it for"
+        assert all(p.grad is None for p in gan.G.parameters()), \
+            "d_step: fake images not detached: D's loss reached G; make them under torch.no_grad() (or detach them)"
+        assert [p for p in G0.parameters()] and all(torch.equal(a, b) for a, b in zip(G0.parameters(), gan.G.parameters())), \
+            "d_step: G's weights changed in the D step; only opt_D steps here"
+        assert len(seen.d_loss) == 1 and torch.equal(seen.d_loss[0][0], d.out[:8]) and torch.equal(seen.d_loss[0][1], d.out[8:]), \
+            "d_step: compute the loss once, as d_hinge_loss(real logits, fake logits) on D's logits"
+        want_real, want_fake = F.softplus(-d.out[:8]).mean(), F.softplus(d.out[8:]).mean()
+        assert torch.equal(loss_real.detach(), want_real) and torch.equal(loss_fake.detach(), want_fake), \
+            "d_step: return d_hinge_loss's two halves as (loss_real, loss_fake, logits)"
+        assert torch.equal(logits, d.out) and not logits.requires_grad, "d_step: return D's logits, detached"
+        # D's gradients: those of this step's loss alone, from D's weights before the step.
+        out = D0.train()(d.a, d.b)
+        want = torch.autograd.grad(F.softplus(-out[:8]).mean() + F.softplus(out[8:]).mean(), list(D0.parameters()))
+        for got, w in zip(grads_of(gan.D), want):
+            assert got is not None and torch.allclose(got, w, rtol=1e-5, atol=1e-7), \
+                ("d_step: D's gradients are not those of loss_real + loss_fake" +
+                 ("; they add up over steps: call self.opt_D.zero_grad() first" if step else ""))
+        assert any(not torch.equal(a, b) for a, b in zip(D0.parameters(), gan.D.parameters())), \
+            "d_step: D's weights did not change: call self.opt_D.step() after backward"
+
+
+@pytest.mark.g_step
+def test_g_step_updates_g_through_a_frozen_d(monkeypatch):
+    gan, seen = stand_in_gan(monkeypatch)
+    for step in range(2):  # the second step shows gradients left over from the first
+        G0, D0 = copy.deepcopy(gan.G), copy.deepcopy(gan.D)
+        seen.G.clear(), seen.D.clear(), seen.g_loss.clear()
+        loss_g = gan.g_step(8)
+        assert len(seen.G) == 1 and len(seen.D) == 1, \
+            f"g_step: G ran {len(seen.G)} and D {len(seen.D)} forwards; one each per micro-batch"
+        d, g = seen.D[0], seen.G[0]
+        assert g.a.shape[0] == 8, f"g_step: g_step(n) makes n fake images, got {g.a.shape[0]}"
+        assert not d.training, ("g_step: D was in training mode during the G step, so its spectral norm ran a power "
+                                "iteration and D changed; call self.D.eval() first")
+        assert torch.equal(d.a, g.out) and d.graph, \
+            "g_step: D must judge G's images with their graph: L_G reaches G through D (no detach, no torch.no_grad())"
+        assert torch.equal(d.b, g.b), "g_step: D must judge each fake image with the label G made it for"
+        assert len(seen.g_loss) == 1 and torch.equal(seen.g_loss[0], d.out), \
+            "g_step: compute the loss as g_hinge_loss(D's logits on G's images)"
+        assert torch.equal(loss_g.detach(), F.softplus(-d.out).mean()), "g_step: return the loss g_hinge_loss gave"
+        assert all(p.grad is None for p in gan.D.parameters()), \
+            "g_step: D collected gradients in the G step; freeze it with self.D.requires_grad_(False)"
+        assert all(torch.equal(a, b) for a, b in zip(D0.parameters(), gan.D.parameters())) and \
+            all(torch.equal(a, b) for a, b in zip(D0.buffers(), gan.D.buffers())), \
+            "g_step: D was updated during the G step: only opt_G steps here, and D stays in eval mode"
+        assert gan.D.training and all(p.requires_grad for p in gan.D.parameters()), \
+            "g_step: restore D after the G step, self.D.train().requires_grad_(True), or the next D step cannot learn"
+        out = D0.eval()(G0(g.a, g.b), g.b)
+        want = torch.autograd.grad(F.softplus(-out).mean(), list(G0.parameters()))
+        for got, w in zip(grads_of(gan.G), want):
+            assert got is not None and torch.allclose(got, w, rtol=1e-5, atol=1e-7), \
+                ("g_step: G's gradients are not those of L_G" +
+                 ("; they add up over steps: call self.opt_G.zero_grad() first" if step else ""))
+        assert any(not torch.equal(a, b) for a, b in zip(G0.parameters(), gan.G.parameters())), \
+            "g_step: G's weights did not change: call self.opt_G.step() after backward"
+
+
 def test_imports_run_one_way():
     """sagan.py and data.py import nothing of the project, evaluate.py only them, train.py adds
     evaluate.py, benchmark.py sits on top; and every project import is at a file's top level."""
@@ -810,17 +1055,20 @@ def random_spd(d, seed, rank=None):
 
 # --- FID closed forms ----------------------------------------------------------------------------
 
+@pytest.mark.metrics
 def test_fid_of_identical_statistics_is_zero():
     mu, s = np.random.RandomState(0).randn(64), random_spd(64, 1)
     assert abs(ev.frechet_distance(mu, s, mu, s)) < 1e-8
 
 
+@pytest.mark.metrics
 def test_fid_with_equal_covariances_is_squared_mean_distance():
     g = np.random.RandomState(0)
     mu1, mu2, s = g.randn(64), g.randn(64), random_spd(64, 1)
     assert ev.frechet_distance(mu1, s, mu2, s) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-9)
 
 
+@pytest.mark.metrics
 def test_fid_of_diagonal_covariances():
     g = np.random.RandomState(0)
     mu1, mu2, s1, s2 = g.randn(32), g.randn(32), g.uniform(0.1, 3, 32), g.uniform(0.1, 3, 32)
@@ -828,6 +1076,7 @@ def test_fid_of_diagonal_covariances():
     assert ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(want, rel=1e-10)
 
 
+@pytest.mark.metrics
 def test_fid_of_non_commuting_covariances_matches_an_independent_computation():
     s1, s2 = random_spd(48, 1), random_spd(48, 2)
     assert np.abs(s1 @ s2 - s2 @ s1).max() > 0.1  # they do not commute
@@ -835,9 +1084,18 @@ def test_fid_of_non_commuting_covariances_matches_an_independent_computation():
     tr_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
     want = np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
     zeros = np.zeros(48)
-    assert ev.frechet_distance(zeros, s1, zeros, s2) == pytest.approx(want, rel=1e-9)
+
+    def sqrt_spd(s):
+        w, v = np.linalg.eigh(s)
+        return (v * np.sqrt(w)) @ v.T
+    check_value("metrics", "FID of non-commuting covariances", ev.frechet_distance(zeros, s1, zeros, s2), want, [
+        ("the cross term is 2 tr sqrt(S1 S2), not 2 tr(sqrt(S1) sqrt(S2)), which is the same only when S1 and S2 "
+         "commute", np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrt_spd(s1) @ sqrt_spd(s2))),
+        ("the cross term is 2 tr sqrt(S1 S2), not 2 sqrt(tr(S1 S2))", np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.trace(s1 @ s2)))],
+        rtol=1e-9, atol=0)
 
 
+@pytest.mark.metrics
 def test_fid_with_rank_deficient_covariances_is_finite_and_non_negative():
     g = np.random.RandomState(0)
     with pytest.warns(UserWarning, match="singular"):
@@ -845,8 +1103,33 @@ def test_fid_with_rank_deficient_covariances_is_finite_and_non_negative():
     with pytest.warns(UserWarning):
         mu2, s2 = ev.feature_stats(g.rand(30, 64) + 0.1)
     fid = ev.frechet_distance(mu1, s1, mu2, s2)
-    assert np.isfinite(fid) and fid >= 0
+    assert np.isfinite(fid) and fid >= 0, (f"metrics: FID {fid} with singular covariances (fewer samples than "
+                                           f"dimensions): the eigenvalues that should be 0 come out slightly "
+                                           f"negative in round-off; drop them (significant()) before the square root")
     assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) < 1e-8
+
+
+@pytest.mark.metrics
+def test_frechet_distance_is_real_and_needs_no_general_eigensolver(monkeypatch):
+    """S1 S2 is not symmetric: a general eigensolver or matrix square root of it can return complex
+    values in round-off. Two 2x2 covariances have a closed form: sqrt(S1 S2) has eigenvalues
+    sqrt(l1), sqrt(l2), so tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2))."""
+    def refused(*args, **kwargs):
+        raise AssertionError("metrics: frechet_distance called a general eigensolver (eig, eigvals) on a matrix "
+                             "that is not symmetric; use the symmetric M = B^T S2 B and torch.linalg.eigvalsh")
+    for module in (torch.linalg, np.linalg):
+        monkeypatch.setattr(module, "eig", refused)
+        monkeypatch.setattr(module, "eigvals", refused)
+    s1, s2 = np.array([[2.0, 0.6], [0.6, 1.0]]), np.array([[1.0, -0.4], [-0.4, 3.0]])
+    fid = ev.frechet_distance(np.zeros(2), s1, np.ones(2), s2)
+    assert not isinstance(fid, complex) and not (torch.is_tensor(fid) and fid.is_complex()), \
+        "metrics: FID came out complex: a matrix square root of the non-symmetric S1 S2 goes complex in round-off"
+    assert isinstance(fid, float), f"metrics: frechet_distance returns a Python float (.item()), got {type(fid).__name__}"
+    tr_sqrt = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    check_value("metrics", "FID of two 2x2 covariances", fid, 2 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt, [
+        ("|mu1 - mu2|^2 is missing", np.trace(s1) + np.trace(s2) - 2 * tr_sqrt),
+        ("the cross term is -2 tr sqrt(S1 S2): its factor 2 is missing", 2 + np.trace(s1) + np.trace(s2) - tr_sqrt)],
+        rtol=1e-10, atol=0)
 
 
 def test_feature_stats_are_mean_and_unbiased_covariance():
@@ -859,6 +1142,7 @@ def test_feature_stats_are_mean_and_unbiased_covariance():
 
 # --- Inception Score -------------------------------------------------------------------------------
 
+@pytest.mark.metrics
 def test_inception_score_of_identical_predictions_is_one():
     logits = torch.randn(1, 1008).repeat(50, 1)
     mean, std = ev.inception_score(logits)
@@ -867,6 +1151,7 @@ def test_inception_score_of_identical_predictions_is_one():
     assert mean == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.metrics
 @pytest.mark.parametrize("k", [1, 7, 100])
 def test_inception_score_of_one_hot_predictions_spread_over_k_classes_is_k(k):
     n = 10 * 2 * k
@@ -880,6 +1165,26 @@ def test_inception_score_of_one_hot_predictions_spread_over_k_classes_is_k(k):
     assert ev.inception_score(probs[labels.argsort()], splits=1)[0] == pytest.approx(k, rel=1e-12)
 
 
+@pytest.mark.metrics
+def test_inception_score_is_the_mean_and_population_std_of_the_split_scores():
+    """20 one-hot predictions in 10 splits of 2, placed through the fixed shuffle: five splits hold
+    two classes once each (split score exp(KL) = 2), five hold one class twice (score 1)."""
+    labels = np.empty(20, np.int64)
+    labels[np.random.RandomState(2020).permutation(20)] = [0, 1] * 5 + [2, 2] * 5
+    mean, std = ev.inception_score(torch.eye(1008, dtype=torch.float64)[labels])
+    assert not math.isinf(mean), "metrics: IS is infinite: the KL divergence is the wrong way round, KL(p(y|x) || p(y))"
+    assert not math.isnan(mean), "metrics: IS is NaN: 0 log 0 must count as 0 (torch.xlogy does)"
+    check_value("metrics", "the IS over splits", mean, 1.5, [
+        ("the KL divergences are averaged over all samples before exp: score each split, exp(mean KL), then "
+         "average the split scores", 2 ** 0.5),
+        ("p(y) must be the mean prediction within each split, not over all samples", 3.0)],
+        rtol=1e-9, atol=0)
+    check_value("metrics", "the IS's std over splits", std, 0.5, [
+        ("this is the sample std (correction 1); improved-gan reports the population std (correction=0)",
+         np.std([2] * 5 + [1] * 5, ddof=1))], rtol=1e-9, atol=0)
+
+
+@pytest.mark.metrics
 def test_inception_score_of_logits_equals_that_of_their_softmax():
     logits = torch.randn(200, 1008) * 4
     assert ev.inception_score(logits)[0] == pytest.approx(ev.inception_score(logits.double().softmax(1))[0], rel=1e-12)
@@ -1028,6 +1333,23 @@ def test_attention_figure_and_raw_maps(ckpt, tmp_path):
     # pixel (1, 2) is query (0, 1), index 16.
     assert np.array_equal(maps[:, 1].reshape(2, -1), beta[:, 255])
     assert np.array_equal(maps[:, 0].reshape(2, -1), beta[:, 16])
+
+
+@pytest.mark.slow
+@pytest.mark.train_figure5
+def test_a_short_run_trains_and_draws_figure_5(tmp_path):
+    """The last exercise in small: every filled-in blank together trains (losses finite, both
+    gammas off 0 after 5 steps) and evaluate.py draws Figure 5 from the checkpoint."""
+    assert train.main(TINY + ["--steps", "5", "--out", tmp_path]) == 0, "train_figure5: the short run failed"
+    last = [json.loads(line) for line in open(tmp_path / "log.jsonl")][-1]
+    assert all(math.isfinite(last[k]) for k in train.LOGGED), f"train_figure5: a loss is not finite: {last}"
+    assert last["gamma_g"][0] != 0 and last["gamma_d"][0] != 0, \
+        f"train_figure5: gamma did not move in 5 steps (G {last['gamma_g']}, D {last['gamma_d']}): it gets no gradient"
+    fig = tmp_path / "fig5.png"
+    assert ev.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--attention", str(fig), "--k", "2"]) == 0
+    beta = np.load(tmp_path / "fig5.npz")["beta"]
+    assert beta.shape == (2, 16 * 16, 8 * 8) and np.allclose(beta.sum(-1), 1, atol=1e-5), \
+        "train_figure5: the maps of Figure 5 are not rows of beta, each summing to 1"
 
 
 def test_grid_has_a_row_per_class(ckpt, tmp_path):
@@ -1336,3 +1658,4 @@ def test_bf16_training_steps_are_finite(tmp_path, device):
     assert train.main(TINY + ["--steps", "3", "--precision", "bf16", "--device", device, "--out", tmp_path]) == 0
     log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert all(np.isfinite(log[-1][k]) for k in ("loss_d_real", "loss_d_fake", "loss_g"))
+
