@@ -9,14 +9,17 @@ downloaded: the Inception weights are random ones made here in the layout of pyt
 """
 
 import ast
+import concurrent.futures
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
 import os
 import pickle
 import random as pyrandom
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +28,7 @@ import urllib.error
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -1659,3 +1663,195 @@ def test_bf16_training_steps_are_finite(tmp_path, device):
     log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert all(np.isfinite(log[-1][k]) for k in ("loss_d_real", "loss_d_fake", "loss_g"))
 
+
+# ---------------------------------------------------------------------------------------------
+# The teaching kit (course/): the student copy, its blanks, and the exercise checks in it
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def kit(monkeypatch):
+    """course/exercises.py and course/make_copy.py, imported as the command imports them."""
+    monkeypatch.syspath_prepend(os.path.join(HERE, "course"))
+    import exercises
+    import make_copy
+    return SimpleNamespace(EXERCISES=exercises.EXERCISES, BY_NAME=exercises.BY_NAME, make_copy=make_copy)
+
+
+def exercise_markers(test, kit):
+    """The exercises whose check the test (named as pytest names it, "test_x[param]") belongs to."""
+    marks = getattr(globals()[test.split("[")[0]], "pytestmark", [])
+    return {m.name for m in marks} & set(kit.BY_NAME)
+
+
+# One call per blanked function that runs into its blank (and runs through with the reference code);
+# the GAN's on the stand-in networks, which the test puts in place.
+REACH_BLANK = {
+    "attention_map": lambda m: m.attention_map(torch.randn(1, 2, 4), torch.randn(1, 2, 4)),
+    "SelfAttention.__init__": lambda m: m.SelfAttention(16),
+    "SelfAttention.forward": lambda m: m.SelfAttention(16)(torch.randn(1, 16, 4, 4)),
+    "ConditionalBatchNorm.forward": lambda m: m.ConditionalBatchNorm(4, 3)(torch.randn(2, 4, 2, 2), torch.tensor([0, 2])),
+    "Discriminator.forward": lambda m: m.Discriminator(m.ModelConfig(size=32, ch=8, n_classes=3, attn=()))(
+        torch.randn(1, 3, 32, 32), torch.tensor([2])),
+    "d_hinge_loss": lambda m: m.d_hinge_loss(torch.zeros(2), torch.zeros(2)),
+    "g_hinge_loss": lambda m: m.g_hinge_loss(torch.zeros(2)),
+    "GAN.d_step": lambda m: m.GAN(*tiny_configs(), torch.device("cpu")).d_step(
+        iter([(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]))])),
+    "GAN.g_step": lambda m: m.GAN(*tiny_configs(), torch.device("cpu")).g_step(2),
+    "frechet_distance": lambda m: m.frechet_distance(np.zeros(3), np.eye(3), np.ones(3), 2 * np.eye(3)),
+    "inception_score": lambda m: m.inception_score(torch.randn(20, 10)),
+}
+
+
+def tiny_configs():
+    cfg, _ = train.parse_config(TINY)
+    return cfg, dataclasses.replace(cfg.model, n_classes=3)
+
+
+@pytest.mark.course
+def test_every_exercise_has_a_registered_check_and_its_blanks_fit_the_code(kit):
+    ini = Path(HERE, "pytest.ini").read_text()
+    tests = [name for name in globals() if name.startswith("test_")]
+    assert 6 <= len(kit.EXERCISES) <= 8
+    for e in kit.EXERCISES:
+        assert f"\n    {e.name}: exercise check" in ini, f"register the marker {e.name} in pytest.ini"
+        assert any(e.name in exercise_markers(t, kit) for t in tests), f"exercise {e.name} has no check"
+        assert set(e.needs) <= set(kit.BY_NAME) - {e.name}, e.needs
+        for b in e.blanks:  # a LookupError says which blank a change of the code has left behind
+            source = Path(HERE, b.file).read_text()
+            kit.make_copy.blank_span(source, ast.parse(source), b)
+
+
+@pytest.mark.course
+def test_every_blank_raises_its_one_line_message(kit, monkeypatch):
+    """Each blank alone, in its file loaded as a module of its own: the call that runs through the
+    reference code stops at the blank with exactly its message, which says what to write and
+    the command that checks it."""
+    blanks = [(e, b) for e in kit.EXERCISES for b in e.blanks]
+    assert {b.function for _, b in blanks} == set(REACH_BLANK)
+    monkeypatch.setattr(train, "Generator", StandInG)
+    monkeypatch.setattr(train, "Discriminator", StandInD)
+    for e, b in blanks:
+        REACH_BLANK[b.function](sys.modules[Path(b.file).stem])  # the reference runs through
+        module = type(sys)(f"blanked_{Path(b.file).stem}")
+        monkeypatch.setitem(sys.modules, module.__name__, module)  # for its dataclasses
+        source = kit.make_copy.blank_source(Path(HERE, b.file).read_text(), [(e, b)], b.file)
+        exec(compile(source, b.file, "exec"), module.__dict__)
+        if hasattr(module, "GAN"):  # train.py's copy: the stand-ins, as above
+            module.Generator, module.Discriminator = StandInG, StandInD
+        with pytest.raises(NotImplementedError) as raised:
+            REACH_BLANK[b.function](module)
+        message = str(raised.value)
+        assert message == kit.make_copy.blank_message(e, b) and "\n" not in message
+        assert message.startswith(f"exercise {e.name}: ") and message.endswith(f"; check: {kit.make_copy.check_command(e.name)}")
+
+
+@pytest.mark.course
+def test_student_copy_is_the_project_with_only_the_blanks_changed(kit, tmp_path):
+    """Every file of a copy that holds no blank is the project's, byte for byte, and a blanked
+    file differs only by each blank's lines replaced by its one raise line. So a copy without
+    blanks passes the whole suite, as this suite passes here on the same files: its conftest.py
+    only leaves out the kit's own tests (which need course/) and turns failures caused by a blank
+    into skips, and it has none. (The slow tests below run the suite in copies with blanks.)"""
+    mc = kit.make_copy
+    top = {p.name for p in Path(HERE).glob("*.py")} | {"README.md", "LICENSE", "pytest.ini", "requirements.txt"}
+    assert top <= set(mc.PROJECT_FILES), f"make_copy.PROJECT_FILES lacks {top - set(mc.PROJECT_FILES)}"
+    assert mc.make_copy(str(tmp_path / "none"), [kit.BY_NAME["train_figure5"]]) == 0
+    for name in mc.PROJECT_FILES:
+        assert Path(tmp_path, "none", name).read_bytes() == Path(HERE, name).read_bytes(), name
+    assert mc.make_copy(str(tmp_path / "all"), list(kit.EXERCISES)) == sum(len(e.blanks) for e in kit.EXERCISES)
+    assert sorted(os.listdir(tmp_path / "all")) == sorted({f.split("/")[0] for f in mc.PROJECT_FILES} |
+                                                          {"ASSIGNMENT.md", "conftest.py"})  # no course/
+    for name in mc.PROJECT_FILES:
+        original, copied = Path(HERE, name).read_bytes(), Path(tmp_path, "all", name).read_bytes()
+        raises = sorted(f"raise NotImplementedError({mc.blank_message(e, b)!r})"
+                        for e in kit.EXERCISES for b in e.blanks if b.file == name)
+        if not raises:
+            assert copied == original, name
+            continue
+        a, b = original.decode().splitlines(), copied.decode().splitlines()
+        changes = [op for op in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes() if op[0] != "equal"]
+        assert all(tag == "replace" and j2 == j1 + 1 for tag, _, _, j1, j2 in changes), (name, changes)
+        assert sorted(b[j1].strip() for _, _, _, j1, _ in changes) == raises, name
+    sheet = Path(tmp_path, "all", "ASSIGNMENT.md").read_text()
+    for e in kit.EXERCISES:
+        assert mc.check_command(e.name) in sheet and all(q in sheet for q in e.questions)
+    assert "<!--" not in sheet
+
+
+@pytest.mark.course
+def test_make_copy_command_line(kit, tmp_path, capsys):
+    mc = kit.make_copy
+    assert mc.main(["--out", str(tmp_path / "a"), "--exercises", "hinge_loss,nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown exercise 'nope'; choose from attention_map, ") and err.count("\n") == 1
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("")
+    assert mc.main(["--out", str(tmp_path / "used")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'used'} exists and is not an empty folder\n"
+    assert mc.main([]) == 2 and capsys.readouterr().err.startswith("error: --out DIR is required")
+    assert not (tmp_path / "a").exists()
+    assert mc.main(["--out", str(tmp_path / "one"), "--exercises", "hinge_loss"]) == 0
+    assert "2 blanks in 1 exercises (hinge_loss)" in capsys.readouterr().out
+    sheet, sagan_py = (tmp_path / "one" / "ASSIGNMENT.md").read_text(), (tmp_path / "one" / "sagan.py").read_text()
+    assert "-m hinge_loss" in sheet and "-m d_step" not in sheet and "exercise hinge_loss: " in sagan_py
+    assert "exercise attention_map" not in sagan_py
+
+
+def run_copy_suite(copy, *args):
+    """pytest in a student copy: {test name: (outcome, text)} from its JUnit report, outcome
+    "passed", "failed" (a failure or an error) or "skipped"."""
+    report = copy / "report.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *args],
+                   cwd=copy, capture_output=True, timeout=600)
+    results = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        outcome, text = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = "skipped" if child.tag == "skipped" else "failed"
+                text = f"{child.get('message', '')}\n{child.text or ''}"
+        results[case.get("name")] = (outcome, text)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.course
+def test_student_copies_fail_only_on_the_checks_of_their_blanks(kit, tmp_path):
+    """The kit's promise, in CI, on copies made by the command: (1) with every blank, the whole
+    suite fails only on the exercises' checks, each at its own blank and naming it; every other
+    test passes, or is skipped naming the exercise whose blank it reached. (2) With one exercise
+    alone blanked, among all the exercise checks exactly that exercise's fail, the checks that
+    build on it wait for it, and the others pass. With the reference put back, a copy is the
+    project (see above), where every check passes. The suites run two at a time, on two cores."""
+    exercises = [e for e in kit.EXERCISES if e.blanks]
+    code, out, err = run_cli(os.path.join("course", "make_copy.py"), "--out", tmp_path / "all")
+    assert code == 0, err
+    for e in exercises:
+        kit.make_copy.make_copy(str(tmp_path / e.name), [e])
+    runs = [("all", ["test_sagan.py"])] + [(e.name, ["test_sagan.py", "-m", " or ".join(kit.BY_NAME)]) for e in exercises]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = dict(zip([name for name, _ in runs],
+                           pool.map(lambda run: run_copy_suite(tmp_path / run[0], *run[1]), runs)))
+    wrong = []
+    assert len(results["all"]) > 150
+    for test, (outcome, text) in results["all"].items():
+        blanked = {e for e in exercise_markers(test, kit) if kit.BY_NAME[e].blanks}
+        if blanked:
+            ok = outcome == "failed" and any(f"NotImplementedError: exercise {e}: " in text for e in blanked)
+        else:
+            ok = outcome == "passed" or outcome == "skipped" and re.match(r"needs exercise \w+\n", text) is not None
+        if not ok:
+            wrong.append(f"every blank, {test}: {outcome} {text[:300]}")
+    assert results["all"]["test_a_short_run_trains_and_draws_figure_5"][0] == "skipped"
+    for e in exercises:
+        for test, (outcome, text) in results[e.name].items():
+            own = exercise_markers(test, kit)
+            if e.name in own:
+                ok = outcome == "failed" and f"NotImplementedError: exercise {e.name}: " in text
+            elif any(e.name in kit.BY_NAME[o].needs for o in own):
+                ok = outcome == "skipped" and f"needs exercise {e.name}" in text
+            else:
+                ok = outcome == "passed"
+            if not ok:
+                wrong.append(f"{e.name} blank, {test}: {outcome} {text[:300]}")
+    assert not wrong, "\n".join(wrong)
