@@ -744,8 +744,16 @@ def stand_in_gan(monkeypatch):
     return gan, seen
 
 
-def grads_of(net):
-    return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+def assert_one_update(exercise, net, before, loss, loss_name, opt, step):
+    """After a step: `net`'s gradients are those of `loss`, computed on `before`, a copy of `net`
+    from before the step (so none left over from an earlier step), and its weights moved."""
+    name = "D" if exercise == "d_step" else "G"
+    for p, want in zip(net.parameters(), torch.autograd.grad(loss, list(before.parameters()))):
+        assert p.grad is not None and torch.allclose(p.grad, want, rtol=1e-5, atol=1e-7), \
+            (f"{exercise}: {name}'s gradients are not those of {loss_name}" +
+             (f"; they add up over steps: call self.{opt}.zero_grad() first" if step else ""))
+    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), net.parameters())), \
+        f"{exercise}: {name}'s weights did not change: call self.{opt}.step() after backward"
 
 
 @pytest.mark.d_step
@@ -769,7 +777,7 @@ def test_d_step_updates_d_on_real_and_fake_in_one_batch(monkeypatch):
             "d_step: D must see each real image with its label and each fake one with the label G made it for"
         assert all(p.grad is None for p in gan.G.parameters()), \
             "d_step: fake images not detached: D's loss reached G; make them under torch.no_grad() (or detach them)"
-        assert [p for p in G0.parameters()] and all(torch.equal(a, b) for a, b in zip(G0.parameters(), gan.G.parameters())), \
+        assert all(torch.equal(a, b) for a, b in zip(G0.parameters(), gan.G.parameters())), \
             "d_step: G's weights changed in the D step; only opt_D steps here"
         assert len(seen.d_loss) == 1 and torch.equal(seen.d_loss[0][0], d.out[:8]) and torch.equal(seen.d_loss[0][1], d.out[8:]), \
             "d_step: compute the loss once, as d_hinge_loss(real logits, fake logits) on D's logits"
@@ -777,15 +785,9 @@ def test_d_step_updates_d_on_real_and_fake_in_one_batch(monkeypatch):
         assert torch.equal(loss_real.detach(), want_real) and torch.equal(loss_fake.detach(), want_fake), \
             "d_step: return d_hinge_loss's two halves as (loss_real, loss_fake, logits)"
         assert torch.equal(logits, d.out) and not logits.requires_grad, "d_step: return D's logits, detached"
-        # D's gradients: those of this step's loss alone, from D's weights before the step.
         out = D0.train()(d.a, d.b)
-        want = torch.autograd.grad(F.softplus(-out[:8]).mean() + F.softplus(out[8:]).mean(), list(D0.parameters()))
-        for got, w in zip(grads_of(gan.D), want):
-            assert got is not None and torch.allclose(got, w, rtol=1e-5, atol=1e-7), \
-                ("d_step: D's gradients are not those of loss_real + loss_fake" +
-                 ("; they add up over steps: call self.opt_D.zero_grad() first" if step else ""))
-        assert any(not torch.equal(a, b) for a, b in zip(D0.parameters(), gan.D.parameters())), \
-            "d_step: D's weights did not change: call self.opt_D.step() after backward"
+        loss = F.softplus(-out[:8]).mean() + F.softplus(out[8:]).mean()
+        assert_one_update("d_step", gan.D, D0, loss, "loss_real + loss_fake", "opt_D", step)
 
 
 @pytest.mark.g_step
@@ -815,13 +817,7 @@ def test_g_step_updates_g_through_a_frozen_d(monkeypatch):
         assert gan.D.training and all(p.requires_grad for p in gan.D.parameters()), \
             "g_step: restore D after the G step, self.D.train().requires_grad_(True), or the next D step cannot learn"
         out = D0.eval()(G0(g.a, g.b), g.b)
-        want = torch.autograd.grad(F.softplus(-out).mean(), list(G0.parameters()))
-        for got, w in zip(grads_of(gan.G), want):
-            assert got is not None and torch.allclose(got, w, rtol=1e-5, atol=1e-7), \
-                ("g_step: G's gradients are not those of L_G" +
-                 ("; they add up over steps: call self.opt_G.zero_grad() first" if step else ""))
-        assert any(not torch.equal(a, b) for a, b in zip(G0.parameters(), gan.G.parameters())), \
-            "g_step: G's weights did not change: call self.opt_G.step() after backward"
+        assert_one_update("g_step", gan.G, G0, F.softplus(-out).mean(), "L_G", "opt_G", step)
 
 
 def test_imports_run_one_way():
