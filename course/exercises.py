@@ -96,8 +96,7 @@ EXERCISES = (
          "hundred steps, and what do they say about the game between G and D?"),
         write_min=15, check_s=0.1),
     Exercise(
-        "conditioning", "Class conditioning: conditional BN and projection", "Sec. 5 (class-conditional "
-        "ImageNet: conditional batch norm in G, the projection discriminator)",
+        "conditioning", "Class conditioning: conditional BN and projection", "Sec. 5 (conditional BN, projection D)",
         (Blank("sagan.py", "ConditionalBatchNorm.forward",
                "scale and shift the normalised x by the gain and bias of each sample's class y",
                start="return x * self.gain"),
