@@ -1106,7 +1106,10 @@ def test_fid_with_rank_deficient_covariances_is_finite_and_non_negative():
     assert np.isfinite(fid) and fid >= 0, (f"metrics: FID {fid} with singular covariances (fewer samples than "
                                            f"dimensions): the eigenvalues that should be 0 come out slightly "
                                            f"negative in round-off; drop them (significant()) before the square root")
-    assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) < 1e-8
+    self_fid = ev.frechet_distance(mu1, s1, mu1, s1)
+    assert abs(self_fid) < 1e-8, (f"metrics: the FID of a singular distribution with itself is {self_fid:.2g}, not 0: "
+                                  f"the square roots of round-off eigenvalues (about 1e-8 each) add up; keep only "
+                                  f"the significant() ones")
 
 
 @pytest.mark.metrics
