@@ -158,7 +158,7 @@ EXERCISES = (
     Exercise(
         "train_figure5", "Train the default run and draw Figure 5", "Sec. 5.2, Figure 5",
         (),
-        "With every other exercise done (the check trains 5 steps through all of them), train the "
+        "With every other exercise done (the check trains 2 steps through all of them), train the "
         "default run, `python train.py` (5.8 to 7.4 minutes on a 2-core CPU, measured; the console "
         "shows the time left), then draw Figure 5 from it: `python evaluate.py --ckpt "
         "runs/sagan/ckpt.pt --attention fig5.png --k 3`. Expect the last sample grid "

@@ -24,8 +24,8 @@ from exercises import BY_NAME, EXERCISES, check_command
 
 COURSE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(COURSE)
-# What a student gets: every file of the project but the teaching kit (a test compares this list
-# with the files git tracks, so a new file is not forgotten).
+# What a student gets: every file of the project but the teaching kit (a test checks that every
+# top-level module and document is here, so that a new one is not forgotten).
 PROJECT_FILES = (".ci/gpu-check", ".ci/run", ".gitignore", "LICENSE", "README.md", "benchmark.py", "data.py",
                  "evaluate.py", "pytest.ini", "requirements.txt", "sagan.py", "samples.png", "test_sagan.py",
                  "train.py")
@@ -51,7 +51,7 @@ def find_function(tree, qualname):
 
 
 def blocks(node):
-    """Every statement list inside a function, outermost first, each in source order."""
+    """Every statement list inside a function: each block, then the blocks nested in its statements."""
     for name in ("body", "orelse", "finalbody"):
         block = getattr(node, name, None)
         if block and isinstance(block[0], ast.stmt):
@@ -132,12 +132,10 @@ def choose(names):
 
 def assignment_sheet(chosen):
     """ASSIGNMENT.md: course/assignment.md with the table and a section per chosen exercise."""
-    rows, sections, number = [], [], 0
-    chosen_names = {e.name for e in chosen}
-    numbers = {}
+    rows, sections, chosen_names = [], [], {e.name for e in chosen}
+    numbers, n = {}, 0
     for e in EXERCISES:  # questions keep their numbers whatever is chosen: answers.md uses them
-        numbers[e.name] = list(range(number + 1, number + 1 + len(e.questions)))
-        number += len(e.questions)
+        numbers[e.name], n = range(n + 1, n + 1 + len(e.questions)), n + len(e.questions)
     for k, e in enumerate(chosen, 1):
         places = ", ".join(f"`{b.file}`: `{b.function}`" for b in e.blanks) or "no blank: run the code you wrote"
         rows.append(f"| {k} | `{e.name}` | {e.title} | {e.paper} | `{check_command(e.name)}` | {e.budget} |")
