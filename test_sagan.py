@@ -1741,7 +1741,8 @@ def test_every_blank_raises_its_one_line_message(kit, monkeypatch):
             REACH_BLANK[b.function](module)
         message = str(raised.value)
         assert message == kit.make_copy.blank_message(e, b) and "\n" not in message
-        assert message.startswith(f"exercise {e.name}: ") and message.endswith(f"; check: {kit.make_copy.check_command(e.name)}")
+        assert message.startswith(f"exercise {e.name}: ")
+        assert message.endswith(f"; check: {kit.make_copy.check_command(e.name)}")
 
 
 @pytest.mark.course
