@@ -1751,7 +1751,7 @@ def test_student_copy_is_the_project_with_only_the_blanks_changed(kit, tmp_path)
     file differs only by each blank's lines replaced by its one raise line. So a copy without
     blanks passes the whole suite, as this suite passes here on the same files: its conftest.py
     only leaves out the kit's own tests (which need course/) and turns failures caused by a blank
-    into skips, and it has none. (The slow tests below run the suite in copies with blanks.)"""
+    into skips, and it has none. (The slow test below runs the suite in copies with blanks.)"""
     mc = kit.make_copy
     top = {p.name for p in Path(HERE).glob("*.py")} | {"README.md", "LICENSE", "pytest.ini", "requirements.txt"}
     assert top <= set(mc.PROJECT_FILES), f"make_copy.PROJECT_FILES lacks {top - set(mc.PROJECT_FILES)}"
