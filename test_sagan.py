@@ -765,8 +765,8 @@ def test_d_step_updates_d_on_real_and_fake_in_one_batch(monkeypatch):
         seen.G.clear(), seen.D.clear(), seen.d_loss.clear()
         loss_real, loss_fake, logits = gan.d_step(iter([(x_real, y_real)]))
         assert len(seen.D) == 1, (f"d_step: D ran {len(seen.D)} forwards in one D step; put the real and the fake "
-                                  f"images through it in one batch (torch.cat), so that its spectral norm runs one "
-                                  f"power iteration per D step (README, difference 7)")
+                                  f"images through it as one batch (torch.cat): one forward of D per D step, and so "
+                                  f"one power iteration of its spectral norm (README, difference 7)")
         assert len(seen.G) == 1, f"d_step: G ran {len(seen.G)} times; one batch of fake images per micro-batch"
         d, g = seen.D[0], seen.G[0]
         assert d.training, "d_step: D must be in training mode in the D step (its spectral norm iterates then)"
