@@ -9,7 +9,7 @@ the generator (conditional BN, ResNet blocks), the discriminator (projection), t
 Paper-to-code map
     Sec. 3, f(x) = W_f x, g(x) = W_g x       SelfAttention.f, SelfAttention.g (1x1 convs, C/8)
     Sec. 3, h(x) = W_h x, v(x) = W_v x       SelfAttention.h, SelfAttention.v
-    Eq. (1): beta_{j,i} = softmax_i(s_ij)    SelfAttention.explicit (forms beta), .fused (SDPA)
+    Eq. (1): beta_{j,i} = softmax_i(s_ij)    attention_map (in SelfAttention.explicit), .fused (SDPA)
     Eq. (2): o_j = v(sum_i beta_{j,i} h(x_i))
     Eq. (3): y_i = gamma * o_i + x_i         SelfAttention.forward, gamma initialised to 0
     Sec. 4, spectral norm in G and D         sn(); ModelConfig.g_sn=False is the "SN on D" baseline
@@ -59,6 +59,14 @@ def sn(module, enabled=True):
 # Self-attention (Sec. 3)
 # ---------------------------------------------------------------------------------------------
 
+def attention_map(query, key):
+    """Eq. (1): beta_{j,i} = exp(s_ij) / sum_i exp(s_ij) with s_ij = f(x_i)^T g(x_j), for queries
+    g(x) (B, C', N) and keys f(x) (B, C', M). Returns beta (B, N, M): row j says how much query
+    position j attends to each key position i, and sums to 1."""
+    s = query.transpose(1, 2) @ key  # (B, N, M): s[j, i] = f(x_i)^T g(x_j), no 1/sqrt(d) scale
+    return s.softmax(dim=-1)  # over keys i
+
+
 class SelfAttention(nn.Module):
     """The SAGAN self-attention block on a (B, C, *spatial) feature map, N positions.
 
@@ -91,8 +99,7 @@ class SelfAttention(nn.Module):
         Returns o (B, C/2, N), before v, and beta (B, N, M)."""
         gx = self.g(x).flatten(2)  # (B, C/8, N) queries
         fx, hx = self.keys_values(x)  # (B, C/8, M), (B, C/2, M)
-        s = gx.transpose(1, 2) @ fx  # (B, N, M): s[j, i] = f(x_i)^T g(x_j), no 1/sqrt(d) scale
-        beta = s.softmax(dim=-1)  # Eq. (1): softmax over keys i, each row sums to 1
+        beta = attention_map(gx, fx)  # (B, N, M), Eq. (1)
         o = hx @ beta.transpose(1, 2)  # (B, C/2, N): Eq. (2) before v
         return o, beta
 

@@ -9,10 +9,13 @@ downloaded: the Inception weights are random ones made here in the layout of pyt
 """
 
 import ast
+import concurrent.futures
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
 import os
 import pickle
 import random as pyrandom
@@ -24,10 +27,13 @@ import time
 import urllib.error
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import benchmark
@@ -35,8 +41,8 @@ import data
 import evaluate as ev
 import train
 from data import UserError, make_dataset
-from sagan import (Discriminator, Generator, ModelConfig, SelfAttention, d_hinge_loss,
-                   g_hinge_loss)
+from sagan import (ConditionalBatchNorm, Discriminator, Generator, ModelConfig, SelfAttention, attention_map,
+                   d_hinge_loss, g_hinge_loss, sn)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The GPU code paths are tested where a GPU is present (`pytest -k cuda` runs just those).
@@ -58,17 +64,79 @@ def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+# The exercise checks (course/exercises.py) are the tests marked with an exercise's name; their
+# messages start with it and name the likely mistake, for a student who filled in a blank.
+
+def check_value(exercise, what, got, want, mistakes=(), rtol=1e-5, atol=1e-6):
+    """`got` must equal `want`; when it does not, the failure names the first of the
+    (message, value) mistakes that `got` equals instead, or says how far off it is."""
+    def as64(x):  # Python floats would become float32 tensors
+        return x.detach().double() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.float64))
+    got, want = as64(got), as64(want)
+    if got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=atol):
+        return
+    for message, value in mistakes:
+        value = as64(value)
+        if got.shape == value.shape and torch.allclose(got, value, rtol=rtol, atol=atol):
+            pytest.fail(f"{exercise}: {what}: {message}", pytrace=False)
+    if got.shape != want.shape:
+        pytest.fail(f"{exercise}: {what} has shape {tuple(got.shape)}, expected {tuple(want.shape)}", pytrace=False)
+    error = ((got - want).norm() / want.norm().clamp(min=1e-12)).item()
+    pytest.fail(f"{exercise}: {what} is off by {error:.2g} relative to the expected value", pytrace=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # sagan.py: self-attention
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.attention_map
+def test_attention_map_is_the_softmax_over_keys_of_unscaled_scores():
+    """Eq. (1) on random queries (B, C', N) and keys (B, C', M), N != M, against torch's
+    scaled_dot_product_attention with scale 1 and the identity as values, which returns beta."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = 2 * torch.randn(2, 4, 12, generator=gen), 2 * torch.randn(2, 4, 6, generator=gen)
+    beta = attention_map(q, k)
+    assert beta.shape == (2, 12, 6), (f"attention_map: beta has shape {tuple(beta.shape)}, expected (B, N, M) = "
+                                      f"(2, 12, 6): a row per query j, a column per key i")
+
+    def sdpa(scale):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), torch.eye(6).expand(2, 6, 6),
+                                              scale=scale)
+    scores = torch.einsum("bcn,bcm->bnm", q, k)
+    check_value("attention_map", "beta", beta, sdpa(1.0), [
+        ("softmax over the queries j (dim=1) instead of the keys i: each row of beta must sum to 1", scores.softmax(1)),
+        ("the scores are divided by sqrt(d), which SAGAN does not do (its scale is 1)", sdpa(None)),
+        ("these are the raw scores s: beta is their softmax over the keys", scores)])
+
+
+@pytest.mark.attention_output
 @pytest.mark.parametrize("pooled", [True, False])
 def test_attention_is_identity_at_init(pooled):
     torch.manual_seed(0)
     attn = SelfAttention(32, pooled=pooled)
     x = torch.randn(2, 32, 8, 8)
-    assert attn.gamma.item() == 0.0
-    assert torch.equal(attn(x), x)
+    assert isinstance(attn.gamma, torch.nn.Parameter) and attn.gamma.shape == (), \
+        "attention_output: gamma must be a learnable scalar, an nn.Parameter of shape ()"
+    assert attn.gamma.item() == 0.0, f"attention_output: gamma starts at {attn.gamma.item():g}; Eq. (3) starts it at 0"
+    assert torch.equal(attn(x), x), "attention_output: at gamma = 0 the block must return x exactly (y = gamma o + x)"
+
+
+@pytest.mark.attention_output
+def test_attention_output_is_gamma_times_v_of_o_plus_x():
+    """Eq. (2) and (3) with gamma set to 0.7. o comes from the fused path, as in forward by
+    default: the explicit one would make this check depend on the attention_map exercise."""
+    torch.manual_seed(0)
+    attn = SelfAttention(16).eval()  # eval: spectral norm keeps its vectors between the calls
+    with torch.no_grad():
+        attn.gamma.fill_(0.7)
+    x = torch.randn(2, 16, 4, 4)
+    y = attn(x)
+    o = attn.fused(x)  # (B, C/2, N)
+    vo = attn.v(o.reshape(2, 8, 4, 4))
+    check_value("attention_output", "y", y, 0.7 * vo + x, [
+        ("the residual is missing: Eq. (3) adds the input x", 0.7 * vo),
+        ("gamma is missing: Eq. (3) scales the attention output by gamma", vo + x),
+        ("gamma scales x too: only the attention output is scaled", 0.7 * (vo + x))])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -190,28 +258,72 @@ def test_attention_defaults_to_the_size_and_bad_configs_are_refused():
         ModelConfig(size=128, attn=(128,))
 
 
+@pytest.mark.conditioning
+def test_conditional_batch_norm_scales_and_shifts_by_class():
+    torch.manual_seed(0)
+    cbn = ConditionalBatchNorm(6, n_classes=4)
+    with torch.no_grad():  # away from their starting values, gain 1 and bias 0, to tell them apart
+        cbn.gain.weight.uniform_(0.5, 1.5)
+        cbn.bias.weight.normal_()
+    x, y = 2 * torch.randn(8, 6, 3, 3) + 1, torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    out = cbn(x, y)
+    x_hat = F.batch_norm(x, None, None, training=True, eps=cbn.bn.eps)  # per channel over (B, H, W)
+    gain, bias = cbn.gain.weight[y][:, :, None, None], cbn.bias.weight[y][:, :, None, None]  # (B, C, 1, 1)
+    check_value("conditioning", "ConditionalBatchNorm's output", out, x_hat * gain + bias, [
+        ("the gain table starts at 1 (difference 5): multiply by gain(y), not by 1 + gain(y)", x_hat * (1 + gain) + bias),
+        ("gain and bias are swapped", x_hat * bias + gain),
+        ("x is not normalised: apply the per-class gain and bias to the batch-normalised x", x * gain + bias)])
+
+
+@pytest.mark.conditioning
+def test_projection_adds_the_class_embedding_dot_phi():
+    """D(x, y) = psi(phi(x)) + <embed(y), phi(x)>, with phi(x) and psi read off D.linear."""
+    torch.manual_seed(0)
+    D = Discriminator(ModelConfig(size=32, ch=8, n_classes=5, attn=())).eval()
+    seen = {}
+    D.linear.register_forward_hook(lambda m, args, out: seen.update(phi=args[0], psi=out.squeeze(1)))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 4])
+    out = D(x, y)
+    projection = (D.embed(y) * seen["phi"]).sum(1)
+    check_value("conditioning", "D(x, y)", out, seen["psi"] + projection, [
+        ("the projection term <embed(y), phi(x)> is missing: D ignores the label", seen["psi"]),
+        ("the unconditional term psi(phi(x)) is gone: add the projection to out, do not replace it", projection)])
+
+
+@pytest.mark.conditioning
 def test_projection_uses_the_label():
     torch.manual_seed(0)
     cfg = ModelConfig(size=32, ch=8, n_classes=10, attn=())
     D = Discriminator(cfg).eval()
     x = torch.randn(1, 3, 32, 32)
-    assert D(x, torch.tensor([1])).item() != D(x, torch.tensor([2])).item()
+    assert D(x, torch.tensor([1])).item() != D(x, torch.tensor([2])).item(), \
+        "conditioning: D gives the same logit for two labels: the projection term is missing"
 
 
 # ---------------------------------------------------------------------------------------------
 # sagan.py: losses and gradients
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.hinge_loss
 def test_hinge_losses_on_hand_picked_logits():
     real = torch.tensor([2.0, 0.5, -1.0])  # margins: 0, 0.5, 2
     fake = torch.tensor([-3.0, 0.0, 1.0])  # margins: 0, 1, 2
-    loss_real, loss_fake = d_hinge_loss(real, fake)
-    assert loss_real.item() == pytest.approx(2.5 / 3, abs=1e-7)
-    assert loss_fake.item() == pytest.approx(3.0 / 3, abs=1e-7)
-    assert g_hinge_loss(fake).item() == pytest.approx(2.0 / 3, abs=1e-7)
+    halves = d_hinge_loss(real, fake)
+    assert isinstance(halves, (tuple, list)) and len(halves) == 2, \
+        "hinge_loss: d_hinge_loss returns L_D's two halves, (real part, fake part), not their sum"
+    check_value("hinge_loss", "D's loss on real images", halves[0], 2.5 / 3, [
+        ("sign error: real logits must be pushed above +1, max(0, 1 - D(x, y))", 4.5 / 3),
+        ("not clipped at 0: a real logit above 1 costs nothing, max(0, 1 - D(x, y))", 1.5 / 3)])
+    check_value("hinge_loss", "D's loss on fake images", halves[1], 3.0 / 3, [
+        ("sign error: fake logits must be pushed below -1, max(0, 1 + D(G(z), y))", 5.0 / 3),
+        ("not clipped at 0: a fake logit below -1 costs nothing, max(0, 1 + D(G(z), y))", 1.0 / 3)])
+    check_value("hinge_loss", "G's loss", g_hinge_loss(fake), 2.0 / 3, [
+        ("sign error: G raises D's logits on its images, L_G = -E[D(G(z), y)]", -2.0 / 3),
+        ("G's loss is not a hinge in SAGAN: L_G = -E[D(G(z), y)], unclipped", 5.0 / 3)])
     # Saturated on both sides: a confident, correct D has zero loss, and G's loss is not clipped.
-    assert d_hinge_loss(torch.tensor([1.0, 5.0]), torch.tensor([-1.0, -5.0])) == (0.0, 0.0)
-    assert g_hinge_loss(torch.tensor([-5.0])).item() == 5.0
+    assert d_hinge_loss(torch.tensor([1.0, 5.0]), torch.tensor([-1.0, -5.0])) == (0.0, 0.0), \
+        "hinge_loss: D's loss must be 0 once D(x) >= 1 and D(G(z)) <= -1"
+    assert g_hinge_loss(torch.tensor([-5.0])).item() == 5.0, "hinge_loss: G's loss must not be clipped"
 
 
 def test_one_d_step_and_one_g_step_reach_every_parameter():
@@ -237,12 +349,14 @@ def test_one_d_step_and_one_g_step_reach_every_parameter():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.attention_output
 def test_gamma_gets_a_gradient_at_zero():
     """gamma starts at 0 but must still learn: its gradient is <o, dL/dy>, not zero."""
     attn = SelfAttention(16)
     x = torch.randn(2, 16, 8, 8)
     attn(x).pow(2).sum().backward()
-    assert attn.gamma.grad.abs() > 0
+    assert attn.gamma.grad is not None and attn.gamma.grad.abs() > 0, \
+        "attention_output: gamma gets no gradient at 0; it must multiply o in y = gamma o + x, and not be detached"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,6 +694,136 @@ def test_ema_generator_is_normalised_by_its_own_spectral_norm():
         assert max(sigmas(borrowed).values()) > 1.02
 
 
+class StandInG(torch.nn.Module):
+    """A generator just big enough to check the update rules alone: (z, y) -> (B, 3, 4, 4)."""
+    attention_layers = []
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.linear, self.embed = torch.nn.Linear(cfg.z_dim, 48), torch.nn.Embedding(cfg.n_classes, 48)
+
+    def forward(self, z, y):
+        return torch.tanh(self.linear(z) + self.embed(y)).view(-1, 3, 4, 4)
+
+
+class StandInD(torch.nn.Module):
+    """A discriminator with one spectrally normalised layer (whose power iterations show) and a
+    per-class term."""
+    attention_layers = []
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.linear, self.embed = sn(torch.nn.Linear(48, 1)), torch.nn.Embedding(cfg.n_classes, 1)
+
+    def forward(self, x, y):
+        return self.linear(x.flatten(1)).squeeze(1) + self.embed(y).squeeze(1)
+
+
+def stand_in_gan(monkeypatch):
+    """train.GAN around StandInG and StandInD, with the hinge losses replaced by the original GAN's
+    (non-saturating) losses that record their inputs, and every forward of G and D recorded: the
+    D- and G-step checks test the update itself, not the model's or the losses' exercises."""
+    monkeypatch.setattr(train, "Generator", StandInG)
+    monkeypatch.setattr(train, "Discriminator", StandInD)
+    seen = SimpleNamespace(G=[], D=[], d_loss=[], g_loss=[])
+
+    def d_loss(real, fake):
+        seen.d_loss.append((real.detach().clone(), fake.detach().clone()))
+        return F.softplus(-real).mean(), F.softplus(fake).mean()
+
+    def g_loss(fake):
+        seen.g_loss.append(fake.detach().clone())
+        return F.softplus(-fake).mean()
+    monkeypatch.setattr(train, "d_hinge_loss", d_loss)
+    monkeypatch.setattr(train, "g_hinge_loss", g_loss)
+    torch.manual_seed(0)
+    cfg, _ = train.parse_config(TINY)
+    gan = train.GAN(cfg, dataclasses.replace(cfg.model, n_classes=5), torch.device("cpu"))
+    for net, calls in ((gan.G, seen.G), (gan.D, seen.D)):
+        def record(m, args, kwargs, out, calls=calls):
+            a, b = (list(args) + list(kwargs.values()))[:2]
+            calls.append(SimpleNamespace(a=a.detach().clone(), b=b.detach().clone(), graph=a.requires_grad,
+                                         training=m.training, out=out.detach().clone()))
+        net.register_forward_hook(record, with_kwargs=True)
+    return gan, seen
+
+
+def assert_one_update(exercise, net, before, loss, loss_name, opt, step):
+    """After a step: `net`'s gradients are those of `loss`, computed on `before`, a copy of `net`
+    from before the step (so none left over from an earlier step), and its weights moved."""
+    name = "D" if exercise == "d_step" else "G"
+    for p, want in zip(net.parameters(), torch.autograd.grad(loss, list(before.parameters()))):
+        assert p.grad is not None and torch.allclose(p.grad, want, rtol=1e-5, atol=1e-7), \
+            (f"{exercise}: {name}'s gradients are not those of {loss_name}" +
+             (f"; they add up over steps: call self.{opt}.zero_grad() first" if step else ""))
+    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), net.parameters())), \
+        f"{exercise}: {name}'s weights did not change: call self.{opt}.step() after backward"
+
+
+@pytest.mark.d_step
+def test_d_step_updates_d_on_real_and_fake_in_one_batch(monkeypatch):
+    gan, seen = stand_in_gan(monkeypatch)
+    x_real, y_real = torch.rand(8, 3, 4, 4) * 2 - 1, torch.randint(0, 5, (8,))
+    for step in range(2):  # the second step shows gradients left over from the first
+        G0, D0 = copy.deepcopy(gan.G), copy.deepcopy(gan.D)
+        seen.G.clear(), seen.D.clear(), seen.d_loss.clear()
+        loss_real, loss_fake, logits = gan.d_step(iter([(x_real, y_real)]))
+        assert len(seen.D) == 1, (f"d_step: D ran {len(seen.D)} forwards in one D step; put the real and the fake "
+                                  f"images through it as one batch (torch.cat): one forward of D per D step, and so "
+                                  f"one power iteration of its spectral norm (README, difference 7)")
+        assert len(seen.G) == 1, f"d_step: G ran {len(seen.G)} times; one batch of fake images per micro-batch"
+        d, g = seen.D[0], seen.G[0]
+        assert d.training, "d_step: D must be in training mode in the D step (its spectral norm iterates then)"
+        assert d.a.shape[0] == 16 and torch.equal(d.a[:8], x_real), \
+            "d_step: D's batch must hold the real images first, then the fake ones (logits.chunk(2) reads real first)"
+        assert torch.equal(d.a[8:], g.out), "d_step: the second half of D's batch must be G's fake images"
+        assert torch.equal(d.b, torch.cat([y_real, g.b])), \
+            "d_step: D must see each real image with its label and each fake one with the label G made it for"
+        assert all(p.grad is None for p in gan.G.parameters()), \
+            "d_step: fake images not detached: D's loss reached G; make them under torch.no_grad() (or detach them)"
+        assert all(torch.equal(a, b) for a, b in zip(G0.parameters(), gan.G.parameters())), \
+            "d_step: G's weights changed in the D step; only opt_D steps here"
+        assert len(seen.d_loss) == 1 and torch.equal(seen.d_loss[0][0], d.out[:8]) and torch.equal(seen.d_loss[0][1], d.out[8:]), \
+            "d_step: compute the loss once, as d_hinge_loss(real logits, fake logits) on D's logits"
+        want_real, want_fake = F.softplus(-d.out[:8]).mean(), F.softplus(d.out[8:]).mean()
+        assert torch.equal(loss_real.detach(), want_real) and torch.equal(loss_fake.detach(), want_fake), \
+            "d_step: return d_hinge_loss's two halves as (loss_real, loss_fake, logits)"
+        assert torch.equal(logits, d.out) and not logits.requires_grad, "d_step: return D's logits, detached"
+        out = D0.train()(d.a, d.b)
+        loss = F.softplus(-out[:8]).mean() + F.softplus(out[8:]).mean()
+        assert_one_update("d_step", gan.D, D0, loss, "loss_real + loss_fake", "opt_D", step)
+
+
+@pytest.mark.g_step
+def test_g_step_updates_g_through_a_frozen_d(monkeypatch):
+    gan, seen = stand_in_gan(monkeypatch)
+    for step in range(2):  # the second step shows gradients left over from the first
+        G0, D0 = copy.deepcopy(gan.G), copy.deepcopy(gan.D)
+        seen.G.clear(), seen.D.clear(), seen.g_loss.clear()
+        loss_g = gan.g_step(8)
+        assert len(seen.G) == 1 and len(seen.D) == 1, \
+            f"g_step: G ran {len(seen.G)} and D {len(seen.D)} forwards; one each per micro-batch"
+        d, g = seen.D[0], seen.G[0]
+        assert g.a.shape[0] == 8, f"g_step: g_step(n) makes n fake images, got {g.a.shape[0]}"
+        assert not d.training, ("g_step: D was in training mode during the G step, so its spectral norm ran a power "
+                                "iteration and D changed; call self.D.eval() first")
+        assert torch.equal(d.a, g.out) and d.graph, \
+            "g_step: D must judge G's images with their graph: L_G reaches G through D (no detach, no torch.no_grad())"
+        assert torch.equal(d.b, g.b), "g_step: D must judge each fake image with the label G made it for"
+        assert len(seen.g_loss) == 1 and torch.equal(seen.g_loss[0], d.out), \
+            "g_step: compute the loss as g_hinge_loss(D's logits on G's images)"
+        assert torch.equal(loss_g.detach(), F.softplus(-d.out).mean()), "g_step: return the loss g_hinge_loss gave"
+        assert all(p.grad is None for p in gan.D.parameters()), \
+            "g_step: D collected gradients in the G step; freeze it with self.D.requires_grad_(False)"
+        assert all(torch.equal(a, b) for a, b in zip(D0.parameters(), gan.D.parameters())) and \
+            all(torch.equal(a, b) for a, b in zip(D0.buffers(), gan.D.buffers())), \
+            "g_step: D was updated during the G step: only opt_G steps here, and D stays in eval mode"
+        assert gan.D.training and all(p.requires_grad for p in gan.D.parameters()), \
+            "g_step: restore D after the G step, self.D.train().requires_grad_(True), or the next D step cannot learn"
+        out = D0.eval()(G0(g.a, g.b), g.b)
+        assert_one_update("g_step", gan.G, G0, F.softplus(-out).mean(), "L_G", "opt_G", step)
+
+
 def test_imports_run_one_way():
     """sagan.py and data.py import nothing of the project, evaluate.py only them, train.py adds
     evaluate.py, benchmark.py sits on top; and every project import is at a file's top level."""
@@ -628,7 +872,7 @@ def test_ddp_with_two_gloo_processes(tmp_path):
            os.path.join(HERE, "train.py"), *TINY, "--steps", "3", "--device", "cpu", "--out", str(tmp_path)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, p.stderr  # whole: torchrun's summary at the end does not say what failed
     assert p.stdout.count("step 3/3") == 1  # only rank 0 logs
     ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 3
@@ -819,17 +1063,20 @@ def random_spd(d, seed, rank=None):
 
 # --- FID closed forms ----------------------------------------------------------------------------
 
+@pytest.mark.metrics
 def test_fid_of_identical_statistics_is_zero():
     mu, s = np.random.RandomState(0).randn(64), random_spd(64, 1)
     assert abs(ev.frechet_distance(mu, s, mu, s)) < 1e-8
 
 
+@pytest.mark.metrics
 def test_fid_with_equal_covariances_is_squared_mean_distance():
     g = np.random.RandomState(0)
     mu1, mu2, s = g.randn(64), g.randn(64), random_spd(64, 1)
     assert ev.frechet_distance(mu1, s, mu2, s) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-9)
 
 
+@pytest.mark.metrics
 def test_fid_of_diagonal_covariances():
     g = np.random.RandomState(0)
     mu1, mu2, s1, s2 = g.randn(32), g.randn(32), g.uniform(0.1, 3, 32), g.uniform(0.1, 3, 32)
@@ -837,6 +1084,7 @@ def test_fid_of_diagonal_covariances():
     assert ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(want, rel=1e-10)
 
 
+@pytest.mark.metrics
 def test_fid_of_non_commuting_covariances_matches_an_independent_computation():
     s1, s2 = random_spd(48, 1), random_spd(48, 2)
     assert np.abs(s1 @ s2 - s2 @ s1).max() > 0.1  # they do not commute
@@ -844,9 +1092,18 @@ def test_fid_of_non_commuting_covariances_matches_an_independent_computation():
     tr_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
     want = np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
     zeros = np.zeros(48)
-    assert ev.frechet_distance(zeros, s1, zeros, s2) == pytest.approx(want, rel=1e-9)
+
+    def sqrt_spd(s):
+        w, v = np.linalg.eigh(s)
+        return (v * np.sqrt(w)) @ v.T
+    check_value("metrics", "FID of non-commuting covariances", ev.frechet_distance(zeros, s1, zeros, s2), want, [
+        ("the cross term is 2 tr sqrt(S1 S2), not 2 tr(sqrt(S1) sqrt(S2)), which is the same only when S1 and S2 "
+         "commute", np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrt_spd(s1) @ sqrt_spd(s2))),
+        ("the cross term is 2 tr sqrt(S1 S2), not 2 sqrt(tr(S1 S2))", np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.trace(s1 @ s2)))],
+        rtol=1e-9, atol=0)
 
 
+@pytest.mark.metrics
 def test_fid_with_rank_deficient_covariances_is_finite_and_non_negative():
     g = np.random.RandomState(0)
     with pytest.warns(UserWarning, match="singular"):
@@ -854,8 +1111,36 @@ def test_fid_with_rank_deficient_covariances_is_finite_and_non_negative():
     with pytest.warns(UserWarning):
         mu2, s2 = ev.feature_stats(g.rand(30, 64) + 0.1)
     fid = ev.frechet_distance(mu1, s1, mu2, s2)
-    assert np.isfinite(fid) and fid >= 0
-    assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) < 1e-8
+    assert np.isfinite(fid) and fid >= 0, (f"metrics: FID {fid} with singular covariances (fewer samples than "
+                                           f"dimensions): the eigenvalues that should be 0 come out slightly "
+                                           f"negative in round-off; drop them (significant()) before the square root")
+    self_fid = ev.frechet_distance(mu1, s1, mu1, s1)
+    assert abs(self_fid) < 1e-8, (f"metrics: the FID of a singular distribution with itself is {self_fid:.2g}, not 0: "
+                                  f"the square roots of round-off eigenvalues (about 1e-8 each) add up; keep only "
+                                  f"the significant() ones")
+
+
+@pytest.mark.metrics
+def test_frechet_distance_is_real_and_needs_no_general_eigensolver(monkeypatch):
+    """S1 S2 is not symmetric: a general eigensolver or matrix square root of it can return complex
+    values in round-off. Two 2x2 covariances have a closed form: sqrt(S1 S2) has eigenvalues
+    sqrt(l1), sqrt(l2), so tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2))."""
+    def refused(*args, **kwargs):
+        raise AssertionError("metrics: frechet_distance called a general eigensolver (eig, eigvals) on a matrix "
+                             "that is not symmetric; use the symmetric M = B^T S2 B and torch.linalg.eigvalsh")
+    for module in (torch.linalg, np.linalg):
+        monkeypatch.setattr(module, "eig", refused)
+        monkeypatch.setattr(module, "eigvals", refused)
+    s1, s2 = np.array([[2.0, 0.6], [0.6, 1.0]]), np.array([[1.0, -0.4], [-0.4, 3.0]])
+    fid = ev.frechet_distance(np.zeros(2), s1, np.ones(2), s2)
+    assert not isinstance(fid, complex) and not (torch.is_tensor(fid) and fid.is_complex()), \
+        "metrics: FID came out complex: a matrix square root of the non-symmetric S1 S2 goes complex in round-off"
+    assert isinstance(fid, float), f"metrics: frechet_distance returns a Python float (.item()), got {type(fid).__name__}"
+    tr_sqrt = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    check_value("metrics", "FID of two 2x2 covariances", fid, 2 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt, [
+        ("|mu1 - mu2|^2 is missing", np.trace(s1) + np.trace(s2) - 2 * tr_sqrt),
+        ("the cross term is -2 tr sqrt(S1 S2): its factor 2 is missing", 2 + np.trace(s1) + np.trace(s2) - tr_sqrt)],
+        rtol=1e-10, atol=0)
 
 
 def test_feature_stats_are_mean_and_unbiased_covariance():
@@ -868,6 +1153,7 @@ def test_feature_stats_are_mean_and_unbiased_covariance():
 
 # --- Inception Score -------------------------------------------------------------------------------
 
+@pytest.mark.metrics
 def test_inception_score_of_identical_predictions_is_one():
     logits = torch.randn(1, 1008).repeat(50, 1)
     mean, std = ev.inception_score(logits)
@@ -876,6 +1162,7 @@ def test_inception_score_of_identical_predictions_is_one():
     assert mean == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.metrics
 @pytest.mark.parametrize("k", [1, 7, 100])
 def test_inception_score_of_one_hot_predictions_spread_over_k_classes_is_k(k):
     n = 10 * 2 * k
@@ -889,6 +1176,26 @@ def test_inception_score_of_one_hot_predictions_spread_over_k_classes_is_k(k):
     assert ev.inception_score(probs[labels.argsort()], splits=1)[0] == pytest.approx(k, rel=1e-12)
 
 
+@pytest.mark.metrics
+def test_inception_score_is_the_mean_and_population_std_of_the_split_scores():
+    """20 one-hot predictions in 10 splits of 2, placed through the fixed shuffle: five splits hold
+    two classes once each (split score exp(KL) = 2), five hold one class twice (score 1)."""
+    labels = np.empty(20, np.int64)
+    labels[np.random.RandomState(2020).permutation(20)] = [0, 1] * 5 + [2, 2] * 5
+    mean, std = ev.inception_score(torch.eye(1008, dtype=torch.float64)[labels])
+    assert not math.isinf(mean), "metrics: IS is infinite: the KL divergence is the wrong way round, KL(p(y|x) || p(y))"
+    assert not math.isnan(mean), "metrics: IS is NaN: 0 log 0 must count as 0 (torch.xlogy does)"
+    check_value("metrics", "the IS over splits", mean, 1.5, [
+        ("the KL divergences are averaged over all samples before exp: score each split, exp(mean KL), then "
+         "average the split scores", 2 ** 0.5),
+        ("p(y) must be the mean prediction within each split, not over all samples", 3.0)],
+        rtol=1e-9, atol=0)
+    check_value("metrics", "the IS's std over splits", std, 0.5, [
+        ("this is the sample std (correction 1); improved-gan reports the population std (correction=0)",
+         np.std([2] * 5 + [1] * 5, ddof=1))], rtol=1e-9, atol=0)
+
+
+@pytest.mark.metrics
 def test_inception_score_of_logits_equals_that_of_their_softmax():
     logits = torch.randn(200, 1008) * 4
     assert ev.inception_score(logits)[0] == pytest.approx(ev.inception_score(logits.double().softmax(1))[0], rel=1e-12)
@@ -1039,6 +1346,23 @@ def test_attention_figure_and_raw_maps(ckpt, tmp_path):
     assert np.array_equal(maps[:, 0].reshape(2, -1), beta[:, 16])
 
 
+@pytest.mark.slow
+@pytest.mark.train_figure5
+def test_a_short_run_trains_and_draws_figure_5(tmp_path):
+    """The last exercise in small: every filled-in blank together trains (losses finite, both
+    gammas off 0 after 2 steps) and evaluate.py draws Figure 5 from the checkpoint."""
+    assert train.main(TINY + ["--steps", "2", "--log-every", "2", "--out", tmp_path]) == 0, "train_figure5: the short run failed"
+    last = [json.loads(line) for line in open(tmp_path / "log.jsonl")][-1]
+    assert all(math.isfinite(last[k]) for k in train.LOGGED), f"train_figure5: a loss is not finite: {last}"
+    assert last["gamma_g"][0] != 0 and last["gamma_d"][0] != 0, \
+        f"train_figure5: gamma did not move in 2 steps (G {last['gamma_g']}, D {last['gamma_d']}): it gets no gradient"
+    fig = tmp_path / "fig5.png"
+    assert ev.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--attention", str(fig), "--k", "2"]) == 0
+    beta = np.load(tmp_path / "fig5.npz")["beta"]
+    assert beta.shape == (2, 16 * 16, 8 * 8) and np.allclose(beta.sum(-1), 1, atol=1e-5), \
+        "train_figure5: the maps of Figure 5 are not rows of beta, each summing to 1"
+
+
 def test_grid_has_a_row_per_class(ckpt, tmp_path):
     assert ev.main(["--ckpt", ckpt, "--grid", str(tmp_path / "grid.png"), "--classes", "0,2", "--k", "3"]) == 0
     with Image.open(tmp_path / "grid.png") as im:
@@ -1186,7 +1510,7 @@ def wait_for_new(path, proc, timeout=90):
     """Wait until `proc` has written `path` (a new file, or a newer one)."""
     t, before = time.time(), os.path.getmtime(path) if os.path.exists(path) else 0
     while not os.path.exists(path) or os.path.getmtime(path) == before:
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, proc.communicate()[1]  # a string, which pytest shows whole
         assert time.time() - t < timeout
         time.sleep(0.02)
 
@@ -1215,7 +1539,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path)
 def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     proc = start_training(tmp_path, "--steps", "100000", "--log-every", "1")
     while "step 2/" not in proc.stdout.readline():
-        assert proc.poll() is None
+        assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -1232,7 +1556,7 @@ def test_sigterm_to_torchrun_stops_every_process_at_one_step_and_saves(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     while "step 2/" not in proc.stdout.readline():
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both processes
     out, err = proc.communicate(timeout=120)
     step = train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
@@ -1626,3 +1950,197 @@ def test_a_second_signal_stops_at_once_and_frees_the_folder(tmp_path, monkeypatc
     assert (tmp_path / "ckpt.pt").read_bytes() == good
     monkeypatch.setattr(train.GAN, "iteration", real_iteration)
     assert train.main(["--resume", "--out", tmp_path, "--steps", "3"]) == 0  # the folder is free again
+
+
+# ---------------------------------------------------------------------------------------------
+# The teaching kit (course/): the student copy, its blanks, and the exercise checks in it
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def kit(monkeypatch):
+    """course/exercises.py and course/make_copy.py, imported as the command imports them."""
+    monkeypatch.syspath_prepend(os.path.join(HERE, "course"))
+    import exercises
+    import make_copy
+    return SimpleNamespace(EXERCISES=exercises.EXERCISES, BY_NAME=exercises.BY_NAME, make_copy=make_copy)
+
+
+def exercise_markers(test, kit):
+    """The exercises whose check the test (named as pytest names it, "test_x[param]") belongs to."""
+    marks = getattr(globals()[test.split("[")[0]], "pytestmark", [])
+    return {m.name for m in marks} & set(kit.BY_NAME)
+
+
+# One call per blanked function that runs into its blank (and runs through with the reference code);
+# the GAN's on the stand-in networks, which the test puts in place.
+REACH_BLANK = {
+    "attention_map": lambda m: m.attention_map(torch.randn(1, 2, 4), torch.randn(1, 2, 4)),
+    "SelfAttention.__init__": lambda m: m.SelfAttention(16),
+    "SelfAttention.forward": lambda m: m.SelfAttention(16)(torch.randn(1, 16, 4, 4)),
+    "ConditionalBatchNorm.forward": lambda m: m.ConditionalBatchNorm(4, 3)(torch.randn(2, 4, 2, 2), torch.tensor([0, 2])),
+    "Discriminator.forward": lambda m: m.Discriminator(m.ModelConfig(size=32, ch=8, n_classes=3, attn=()))(
+        torch.randn(1, 3, 32, 32), torch.tensor([2])),
+    "d_hinge_loss": lambda m: m.d_hinge_loss(torch.zeros(2), torch.zeros(2)),
+    "g_hinge_loss": lambda m: m.g_hinge_loss(torch.zeros(2)),
+    "GAN.d_step": lambda m: m.GAN(*tiny_configs(), torch.device("cpu")).d_step(
+        iter([(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]))])),
+    "GAN.g_step": lambda m: m.GAN(*tiny_configs(), torch.device("cpu")).g_step(2),
+    "frechet_distance": lambda m: m.frechet_distance(np.zeros(3), np.eye(3), np.ones(3), 2 * np.eye(3)),
+    "inception_score": lambda m: m.inception_score(torch.randn(20, 10)),
+}
+
+
+def tiny_configs():
+    cfg, _ = train.parse_config(TINY)
+    return cfg, dataclasses.replace(cfg.model, n_classes=3)
+
+
+@pytest.mark.course
+def test_every_exercise_has_a_registered_check_and_its_blanks_fit_the_code(kit):
+    ini = Path(HERE, "pytest.ini").read_text()
+    tests = [name for name in globals() if name.startswith("test_")]
+    assert 6 <= len(kit.EXERCISES) <= 8
+    for e in kit.EXERCISES:
+        assert f"\n    {e.name}: exercise check" in ini, f"register the marker {e.name} in pytest.ini"
+        assert any(e.name in exercise_markers(t, kit) for t in tests), f"exercise {e.name} has no check"
+        assert set(e.needs) <= set(kit.BY_NAME) - {e.name}, e.needs
+        for b in e.blanks:  # a LookupError says which blank a change of the code has left behind
+            source = Path(HERE, b.file).read_text()
+            kit.make_copy.blank_span(source, ast.parse(source), b)
+
+
+@pytest.mark.course
+def test_every_blank_raises_its_one_line_message(kit, monkeypatch):
+    """Each blank alone, in its file loaded as a module of its own: the call that runs through the
+    reference code stops at the blank with exactly its message, which says what to write and
+    the command that checks it."""
+    blanks = [(e, b) for e in kit.EXERCISES for b in e.blanks]
+    assert {b.function for _, b in blanks} == set(REACH_BLANK)
+    monkeypatch.setattr(train, "Generator", StandInG)
+    monkeypatch.setattr(train, "Discriminator", StandInD)
+    for e, b in blanks:
+        REACH_BLANK[b.function](sys.modules[Path(b.file).stem])  # the reference runs through
+        module = type(sys)(f"blanked_{Path(b.file).stem}")
+        monkeypatch.setitem(sys.modules, module.__name__, module)  # for its dataclasses
+        source = kit.make_copy.blank_source(Path(HERE, b.file).read_text(), [(e, b)], b.file)
+        exec(compile(source, b.file, "exec"), module.__dict__)
+        if hasattr(module, "GAN"):  # train.py's copy: the stand-ins, as above
+            module.Generator, module.Discriminator = StandInG, StandInD
+        with pytest.raises(NotImplementedError) as raised:
+            REACH_BLANK[b.function](module)
+        message = str(raised.value)
+        assert message == kit.make_copy.blank_message(e, b) and "\n" not in message
+        assert message.startswith(f"exercise {e.name}: ")
+        assert message.endswith(f"; check: {kit.make_copy.check_command(e.name)}")
+
+
+@pytest.mark.course
+def test_student_copy_is_the_project_with_only_the_blanks_changed(kit, tmp_path):
+    """Every file of a copy that holds no blank is the project's, byte for byte, and a blanked
+    file differs only by each blank's lines replaced by its one raise line. So a copy without
+    blanks passes the whole suite, as this suite passes here on the same files: its conftest.py
+    only leaves out the kit's own tests (which need course/) and turns failures caused by a blank
+    into skips, and it has none. (The slow test below runs the suite in copies with blanks.)"""
+    mc = kit.make_copy
+    top = {p.name for p in Path(HERE).glob("*.py")} | {"README.md", "LICENSE", "pytest.ini", "requirements.txt"}
+    assert top <= set(mc.PROJECT_FILES), f"make_copy.PROJECT_FILES lacks {top - set(mc.PROJECT_FILES)}"
+    assert mc.make_copy(str(tmp_path / "none"), [kit.BY_NAME["train_figure5"]]) == 0
+    for name in mc.PROJECT_FILES:
+        assert Path(tmp_path, "none", name).read_bytes() == Path(HERE, name).read_bytes(), name
+    assert mc.make_copy(str(tmp_path / "all"), list(kit.EXERCISES)) == sum(len(e.blanks) for e in kit.EXERCISES)
+    assert sorted(os.listdir(tmp_path / "all")) == sorted({f.split("/")[0] for f in mc.PROJECT_FILES} |
+                                                          {"ASSIGNMENT.md", "conftest.py"})  # no course/
+    for name in mc.PROJECT_FILES:
+        original, copied = Path(HERE, name).read_bytes(), Path(tmp_path, "all", name).read_bytes()
+        raises = sorted(f"raise NotImplementedError({mc.blank_message(e, b)!r})"
+                        for e in kit.EXERCISES for b in e.blanks if b.file == name)
+        if not raises:
+            assert copied == original, name
+            continue
+        a, b = original.decode().splitlines(), copied.decode().splitlines()
+        changes = [op for op in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes() if op[0] != "equal"]
+        assert all(tag == "replace" and j2 == j1 + 1 for tag, _, _, j1, j2 in changes), (name, changes)
+        assert sorted(b[j1].strip() for _, _, _, j1, _ in changes) == raises, name
+    sheet = Path(tmp_path, "all", "ASSIGNMENT.md").read_text()
+    for e in kit.EXERCISES:
+        assert mc.check_command(e.name) in sheet and all(q in sheet for q in e.questions)
+    assert "<!--" not in sheet
+
+
+@pytest.mark.course
+def test_make_copy_command_line(kit, tmp_path, capsys):
+    mc = kit.make_copy
+    assert mc.main(["--out", str(tmp_path / "a"), "--exercises", "hinge_loss,nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown exercise 'nope'; choose from attention_map, ") and err.count("\n") == 1
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("")
+    assert mc.main(["--out", str(tmp_path / "used")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'used'} exists and is not an empty folder\n"
+    assert mc.main([]) == 2 and capsys.readouterr().err.startswith("error: --out DIR is required")
+    assert not (tmp_path / "a").exists()
+    assert mc.main(["--out", str(tmp_path / "one"), "--exercises", "hinge_loss"]) == 0
+    assert "2 blanks in 1 exercises (hinge_loss)" in capsys.readouterr().out
+    sheet, sagan_py = (tmp_path / "one" / "ASSIGNMENT.md").read_text(), (tmp_path / "one" / "sagan.py").read_text()
+    assert "-m hinge_loss" in sheet and "-m d_step" not in sheet and "exercise hinge_loss: " in sagan_py
+    assert "exercise attention_map" not in sagan_py
+
+
+def run_copy_suite(copy, *args):
+    """pytest in a student copy: {test name: (outcome, text)} from its JUnit report, outcome
+    "passed", "failed" (a failure or an error) or "skipped"."""
+    report = copy / "report.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *args],
+                   cwd=copy, capture_output=True, timeout=600)
+    results = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        outcome, text = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = "skipped" if child.tag == "skipped" else "failed"
+                text = f"{child.get('message', '')}\n{child.text or ''}"
+        results[case.get("name")] = (outcome, text)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.course
+def test_student_copies_fail_only_on_the_checks_of_their_blanks(kit, tmp_path):
+    """The kit's promise, in CI, on copies made by the command: (1) with every blank, the whole
+    suite fails only on the exercises' checks, each at its own blank and naming it; every other
+    test passes, or is skipped naming the exercise whose blank it reached. (2) With one exercise
+    alone blanked, among all the exercise checks exactly that exercise's fail, the checks that
+    build on it wait for it, and the others pass. With the reference put back, a copy is the
+    project (see above), where every check passes. The suites run two at a time, on two cores."""
+    exercises = [e for e in kit.EXERCISES if e.blanks]
+    code, out, err = run_cli(os.path.join("course", "make_copy.py"), "--out", tmp_path / "all")
+    assert code == 0, err
+    for e in exercises:
+        kit.make_copy.make_copy(str(tmp_path / e.name), [e])
+    runs = [("all", ["test_sagan.py"])] + [(e.name, ["test_sagan.py", "-m", " or ".join(kit.BY_NAME)]) for e in exercises]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = dict(zip([name for name, _ in runs],
+                           pool.map(lambda run: run_copy_suite(tmp_path / run[0], *run[1]), runs)))
+    wrong = []
+    assert len(results["all"]) > 150
+    for test, (outcome, text) in results["all"].items():
+        blanked = {e for e in exercise_markers(test, kit) if kit.BY_NAME[e].blanks}
+        if blanked:
+            ok = outcome == "failed" and any(f"NotImplementedError: exercise {e}: " in text for e in blanked)
+        else:
+            ok = outcome == "passed" or outcome == "skipped" and re.match(r"needs exercise \w+\n", text) is not None
+        if not ok:
+            wrong.append(f"every blank, {test}: {outcome} {text[:300]}")
+    assert results["all"]["test_a_short_run_trains_and_draws_figure_5"][0] == "skipped"
+    for e in exercises:
+        for test, (outcome, text) in results[e.name].items():
+            own = exercise_markers(test, kit)
+            if e.name in own:
+                ok = outcome == "failed" and f"NotImplementedError: exercise {e.name}: " in text
+            elif any(e.name in kit.BY_NAME[o].needs for o in own):
+                ok = outcome == "skipped" and f"needs exercise {e.name}" in text
+            else:
+                ok = outcome == "passed"
+            if not ok:
+                wrong.append(f"{e.name} blank, {test}: {outcome} {text[:300]}")
+    assert not wrong, "\n".join(wrong)
