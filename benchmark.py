@@ -227,7 +227,7 @@ def benchmark(cfg, variants=None):
             print(f"{r['variant']:<14} out of memory (try --accum 2, or a smaller --batch-size)")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['variant']:<14} {r['ms_per_iter']:9.1f} {r['images_per_s']:9.1f} {r['peak_mb']:9.0f} {r['tflops']:8.3f} {mfu:>6}")
+        print(f"{r['variant']:<14} {r['ms_per_iter']:9.1f} {r['images_per_s']:9.1f} {r['peak_mb']:9.0f} {r['tflops']:8.3g} {mfu:>6}")
 
     if cfg.profile:
         name = next((v for v in variants if v != "loader" and v not in oom), None)
