@@ -866,7 +866,7 @@ def test_benchmark_attention_on_volumes_and_the_explicit_path_that_cannot_fit(mo
     out = capsys.readouterr().out
     assert "(B, C, D, H, W) = (2, 16, 8, 8, 8), N = 512 positions, M = 64 keys" in out
     assert [line.split()[0] for line in out.splitlines()[1:]] == ["fused", "explicit"]
-    monkeypatch.setattr(benchmark, "available_memory", lambda device: 3 * 2 * 512 * 64 * 4)  # just short
+    monkeypatch.setattr(benchmark, "available_memory", lambda device: benchmark.EXPLICIT_COPIES * 2 * 512 * 64 * 4)
     assert benchmark.main(["--attention", "2,16,8,8,8", "--iters", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     assert lines[0].split()[0] == "fused" and len(lines) == 2
