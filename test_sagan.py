@@ -206,7 +206,7 @@ def test_volume_shapes_and_range(size):
 
 
 @pytest.mark.parametrize("size,ch,g,d", [
-    (16, 8, 383_524, 36_786),  # the default 3-D run
+    (16, 8, 346_756, 36_786),  # the default 3-D run
     (32, 16, 1_222_916, 199_202),
 ])
 def test_parameter_counts_volumes(size, ch, g, d):
