@@ -3,6 +3,7 @@
     python benchmark.py --size 128 --batch-size 16 --variants default,fp32,explicit_attn
     python benchmark.py --data imagenet --batch-size 256 --variants fp32,default --profile
     python benchmark.py --attention 4,128,64,64 --rounds 7 --iters 3
+    python benchmark.py --attention 4,128,32,32,32 --iters 1          # one 3-D block: B,C,D,H,W
     python benchmark.py --metrics --size 128 --batch-size 50
 
 Whole training iterations (the D steps and the G step of train.GAN.iteration, optimizer steps
@@ -14,7 +15,8 @@ peak, on a CPU the growth of resident memory), achieved TFLOP/s and, on GPUs who
 peak is listed below, the model FLOPs utilisation (MFU), from the model's FLOPs (model_flops).
 A variant that runs out of GPU memory is reported as such, and the others go on.
 --profile adds where the time goes: the operators that take most of one iteration.
---attention times one attention block, fused against explicit; --metrics times the Inception
+--attention times one attention block (2-D or 3-D), fused against explicit, leaving out the explicit
+path when its score matrices cannot fit in the memory left; --metrics times the Inception
 features and the Frechet distance of evaluate.py (metrics_speed, at the end).
 
 The flags are train.py's (the same presets: --data, --size, --batch-size, ...) plus BenchConfig's.
@@ -25,6 +27,7 @@ import dataclasses
 import functools
 import gc
 import itertools
+import math
 import os
 import resource
 import sys
@@ -48,7 +51,7 @@ class BenchConfig(TrainConfig):
     iters: int = opt(10, "timed iterations per variant and round (with --metrics: timed Inception batches)")
     rounds: int = opt(1, "repeat the variants, interleaved; the median is reported")
     profile: bool = opt(False, "also print the operators that take most of one iteration's time")
-    attention: str = opt("", "B,C,H,W: time one attention block's forward + backward, fused vs explicit")
+    attention: str = opt("", "B,C,H,W or B,C,D,H,W: time one attention block's forward + backward, fused vs explicit")
     metrics: bool = opt(False, "time Inception features on random --size images and the Frechet distance at "
                                "d = 2048 (random weights unless --inception-weights)")
 
@@ -109,7 +112,7 @@ def model_flops(cfg, mcfg, n=2):
     """
     small = dataclasses.replace(cfg, batch_size=n, accum=1, compile=False)
     gan = GAN(small, mcfg, torch.device("cpu"), fused_attention=False)
-    x = torch.rand(n, 3, mcfg.size, mcfg.size) * 2 - 1
+    x = torch.rand(n, 3, *(mcfg.size,) * mcfg.dims) * 2 - 1
     y = torch.randint(0, max(mcfg.n_classes, 1), (n,))
     with FlopCounterMode(display=False) as counter:
         gan.iteration(itertools.repeat((x, y)))
@@ -167,7 +170,7 @@ def benchmark(cfg, variants=None):
     variants = variants or [v for v in cfg.variants.split(",") if v]
     check_config(cfg, needs_data=bool({"loader", "real_data"} & set(variants)))  # else random data
     cuda = device.type == "cuda"
-    n_classes = {"synthetic": 10, "cifar10": 10}.get(cfg.data, 1000)
+    n_classes = {"synthetic": 10, "synthetic3d": 10, "cifar10": 10}.get(cfg.data, 1000)
     mcfg = dataclasses.replace(cfg.model, n_classes=n_classes)
     # "default" is what train.py would run with these flags (--precision, --channels-last, --compile).
     table = {**VARIANTS, "default": (use_bf16(cfg, device), cfg.channels_last, cfg.compile, True)}
@@ -175,11 +178,11 @@ def benchmark(cfg, variants=None):
     if unknown:
         raise UserError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(table)}")
     B = cfg.batch_size // cfg.accum
-    x = torch.rand(B, 3, mcfg.size, mcfg.size, device=device) * 2 - 1
+    x = torch.rand(B, 3, *(mcfg.size,) * mcfg.dims, device=device) * 2 - 1
     y = torch.randint(0, max(n_classes, 1), (B,), device=device)
     dataset = None
     if {"loader", "real_data"} & set(variants):
-        dataset = make_dataset(cfg.data, cfg.data_root or None, mcfg.size)
+        dataset = make_dataset(cfg.data, cfg.data_root or None, mcfg.size, dims=mcfg.dims)
 
     def batches_for(name):
         if table[name] is None:  # the real loader
@@ -218,7 +221,7 @@ def benchmark(cfg, variants=None):
     # On CUDA, "fp32" is PyTorch's default: convolutions may use TF32 tensor cores, matmuls not.
     where = f"{torch.cuda.get_device_name(device)} (TF32 convolutions {torch.backends.cudnn.allow_tf32}, " \
         f"matmuls {torch.backends.cuda.matmul.allow_tf32})" if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"benchmark: size {mcfg.size}, ch {mcfg.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {mcfg.attn}, "
+    print(f"benchmark: size {mcfg.size}{'^3' if mcfg.dims == 3 else ''}, ch {mcfg.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {mcfg.attn}, "
           f"{where}, torch {torch.__version__}, {cfg.iters} iterations x {cfg.rounds} rounds, "
           f"{(flops or 0) / 1e12:.3f} TFLOP per iteration; peak memory is {'CUDA max allocated' if cuda else 'RSS growth'}")
     print(f"{'variant':<14} {'ms/iter':>9} {'images/s':>9} {'peak MB':>9} {'TFLOP/s':>8} {'MFU':>6}")
@@ -240,21 +243,45 @@ def benchmark(cfg, variants=None):
     return rows
 
 
+def available_memory(device):
+    """Bytes that can still be allocated: free GPU memory, or the kernel's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return float("inf")  # not Linux: no guard
+
+
+# The explicit path's peak holds about four (B, N, M) fp32 tensors: beta, kept for the backward,
+# its gradient, the scores' gradient and softmax's temporary (measured on the CPU: 4.0x the
+# score matrix at 32^3, 4.3x at 16^3).
+EXPLICIT_COPIES = 4
+
+
 def benchmark_attention(cfg):
-    """Forward + backward of one SelfAttention block, fused and explicit, rounds interleaved."""
+    """Forward + backward of one SelfAttention block on (B, C, [D,] H, W), fused and explicit,
+    rounds interleaved. The explicit path is left out, with the arithmetic, when EXPLICIT_COPIES
+    score matrices (B, N, M) would not fit in the memory available."""
     device, _, _ = setup_processes(cfg)
     try:
-        B, C, H, W = (int(v) for v in cfg.attention.split(","))
-        if min(B, H, W) < 1 or C < 8:
+        B, C, *spatial = (int(v) for v in cfg.attention.split(","))
+        if len(spatial) not in (2, 3) or min(B, *spatial) < 1 or C < 8:
             raise ValueError
     except ValueError:
-        raise UserError(f"--attention takes B,C,H,W (positive, C at least 8), got {cfg.attention}") from None
-    attn = SelfAttention(C, pooled=cfg.model.pooled).to(device)
+        raise UserError(f"--attention takes B,C,H,W or B,C,D,H,W (positive, C at least 8), got {cfg.attention}") from None
+    dims = len(spatial)
+    attn = SelfAttention(C, dims, pooled=cfg.model.pooled).to(device)
     attn.gamma.data.fill_(0.5)
-    x = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    N = math.prod(spatial)
+    M = N // 2 ** dims if cfg.model.pooled else N  # key positions after the 2x2(x2) max-pool
+    scores, free = B * N * M * 4, available_memory(device)
+    paths = [True] + ([False] if EXPLICIT_COPIES * scores < free else [])
+    x = torch.randn(B, C, *spatial, device=device, requires_grad=True)
     times, extra = {True: [], False: []}, {True: [], False: []}
     for _ in range(cfg.rounds):
-        for fused in (True, False):
+        for fused in paths:
             attn.use_fused = fused
             attn(x).sum().backward()  # warm-up
             if device.type == "cuda":
@@ -268,11 +295,15 @@ def benchmark_attention(cfg):
                 x.grad.sum().item()  # waits for the device
                 times[fused].append((time.perf_counter() - start) / cfg.iters)
             extra[fused].append(torch.cuda.max_memory_allocated() - base if device.type == "cuda" else rss.extra)
-    print(f"attention block, (B, C, H, W) = ({B}, {C}, {H}, {W}), pooled={cfg.model.pooled}, {device}, "
-          f"forward + backward, median of {cfg.rounds} rounds x {cfg.iters} iterations")
-    for fused in (True, False):
+    shape = ", ".join(map(str, [B, C, *spatial]))
+    print(f"attention block, (B, C, {', '.join('DHW'[-dims:])}) = ({shape}), N = {N:,} positions, M = {M:,} keys, "
+          f"pooled={cfg.model.pooled}, {device}, forward + backward, median of {cfg.rounds} rounds x {cfg.iters} iterations")
+    for fused in paths:
         ms, mb = sorted(times[fused])[cfg.rounds // 2] * 1000, max(extra[fused]) / 2**20
         print(f"{'fused' if fused else 'explicit':<9} {ms:9.1f} ms   +{mb:7.0f} MB")
+    if False not in paths:
+        print(f"explicit  does not fit: its score matrix B x N x M x 4 bytes = {scores / 2**30:.3g} GiB, about "
+              f"{EXPLICIT_COPIES * scores / 2**30:.3g} GiB at its peak, {free / 2**30:.3g} GiB available")
     return times, extra
 
 

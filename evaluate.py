@@ -4,6 +4,7 @@
     python evaluate.py --make-ref-stats train.npz --data imagenet --data-root DIR --size 128
     python evaluate.py --ckpt runs/x/ckpt.pt --attention attn.png  # Figure 5: where G looks
     python evaluate.py --ckpt runs/x/ckpt.pt --grid grid.png --classes 1,207,980
+    python evaluate.py --ckpt runs/x/ckpt.pt --mirror --n 1000    # mirror error of the samples
 
 Reference protocol (the one behind published IS and FID: TTUR's and improved-gan's TensorFlow
 code, which torch-fidelity re-implements)
@@ -25,6 +26,9 @@ a symmetric matrix similar to S1 S2, not from scipy's sqrtm (frechet_distance: t
 ~1e-12 relative, ~10x faster); the input is resized as TF 1.x does (pytorch-fid uses torch's
 bilinear interpolate on 2x/255 - 1, so its FID differs from TF's by about 0.1-0.2 %); Figure 5
 is drawn our way, since the paper does not say how (attention_figure).
+
+Volumes (a generator trained with --dims 3) have no IS or FID; their pictures show a few slices
+across the depth and a maximum-intensity projection (volume_views), in the grids and in Figure 5.
 
 The file also reads train.py's checkpoints (load_checkpoint, load_generator): training imports
 this file, never the other way round.
@@ -425,12 +429,33 @@ def real_images(source, n, batch_size, seed=0, data_root="", size=128):
         if source not in data.SOURCES:
             raise UserError(f"{source} is not a folder, a .npy file or a data source ({', '.join(data.SOURCES)})")
         ds = data.make_dataset(source, data_root, size)
+        if ds.dims != 2:
+            raise UserError(f"IS and FID are defined for images; {source} holds volumes")
         total, read = len(ds), lambda idx: quantize(torch.stack([ds[i][0] for i in idx]))  # [-1, 1] to bytes
     idx = np.arange(total) if n >= total else np.sort(np.random.RandomState(seed).permutation(total)[:n])
     return len(idx), (read(idx[i:i + batch_size]) for i in range(0, len(idx), batch_size))
 
 
 # --- Pictures: Figure 5 (where G's last attention layer looks) and a class grid ---------------
+
+SLICES = (0.25, 0.5, 0.75)  # depths of the slices shown of a volume, as fractions of its side
+
+
+def slice_index(fraction, side):
+    return min(int(fraction * side), side - 1)
+
+
+def volume_views(x, pad_value=1.0):
+    """Pictures of volumes: (B, C, D, H, W) -> (B, C, H, 4W + 3), the slices across the depth z at
+    SLICES, then the maximum-intensity projection along z, a column of pad_value between panels.
+    The mirror plane x = 0 is vertical in every panel. Images (B, C, H, W) pass unchanged."""
+    if x.dim() == 4:
+        return x
+    D = x.shape[2]
+    views = [x[:, :, slice_index(f, D)] for f in SLICES] + [x.amax(dim=2)]  # 4 x (B, C, H, W)
+    gap = torch.full_like(views[0][..., :1], pad_value)  # (B, C, H, 1)
+    return torch.cat([t for v in views for t in (v, gap)][:-1], dim=-1)
+
 
 DOT_COLOURS = torch.tensor([[1.0, 0, 1], [0, 1, 1], [0.2, 1, 0.2], [0.2, 0.4, 1], [1, 1, 1]])  # not red-yellow
 
@@ -451,45 +476,77 @@ def draw_dot(img, x, y, colour, radius):
 
 @torch.no_grad()
 def attention_maps(G, z, y, points):
-    """G's samples and, for each query pixel (x, y) in points, the attention of its last attention
-    layer (Figure 5). Returns images (K, 3, S, S) in [-1, 1], beta (K, N, M) and maps (K, P, h, w):
-    beta's rows for the query points on the (pooled) key grid, each summing to 1."""
+    """G's samples and, for each query pixel (x, y) or voxel (x, y, z) in points, the attention of
+    its last attention layer (Figure 5). Returns images (K, 3, S, S) or volumes (K, 3, S, S, S) in
+    [-1, 1], beta (K, N, M) and maps (K, P, h, w) or (K, P, d, h, w): beta's rows for the query
+    points on the (pooled) key grid, each summing to 1."""
     images, betas = G(z, y, return_attention=True)
     if not betas:
         raise UserError("this generator has no attention layer (trained with --attn none)")
     beta = betas[-1]  # (K, N, M), Eq. (1): softmax over the M keys for each of the N queries
-    S = images.shape[-1]
-    side_q, side_k = math.isqrt(beta.shape[1]), math.isqrt(beta.shape[2])  # square feature maps
-    queries = [(py * side_q // S) * side_q + px * side_q // S for px, py in points]  # row-major
-    return images, beta, beta[:, queries].reshape(len(z), len(points), side_k, side_k)
+    S, dims = images.shape[-1], images.dim() - 2
+    side_q, side_k = (round(n ** (1 / dims)) for n in beta.shape[1:])  # square or cubic feature maps
+    queries = []
+    for point in points:  # row-major over (z,) y, x: the flattening of SelfAttention
+        index = 0
+        for coordinate in reversed(point):
+            index = index * side_q + coordinate * side_q // S
+        queries.append(index)
+    return images, beta, beta[:, queries].reshape(len(z), len(points), *(side_k,) * dims)
 
 
 def attention_figure(images, maps, points):
     """Figure 5's layout, a row per sample: the image with a coloured dot per query point, then a
     panel per point with its attention map as heat over a grey copy of the image. Heat and opacity
     grow with log(attention / uniform attention): 0 where a key gets 1/M or less (a uniform map
-    shows the plain grey image), 1 where all the attention is on one key. Returns (3, H, W) in [0, 1]."""
-    K, P, S, M = maps.shape[0], maps.shape[1], images.shape[-1], maps.shape[2] * maps.shape[3]
-    f = max(1, 256 // S)  # an integer zoom to panels of 256 px or more
-    img = F.interpolate((images.float().cpu() + 1) / 2, scale_factor=f, mode="nearest").clamp(0, 1)
-    grey = img.mean(dim=1, keepdim=True).expand_as(img)  # (K, 3, fS, fS)
-    heat = F.interpolate(maps.float().cpu(), size=(f * S, f * S), mode="nearest")  # key cells as blocks
-    heat = ((heat * M).log() / math.log(M)).clamp(0, 1)  # (K, P, fS, fS)
-    dots = [(px * f + f // 2, py * f + f // 2, DOT_COLOURS[p % len(DOT_COLOURS)]) for p, (px, py) in enumerate(points)]
-    radius, panels = max(2, f * S // 50), []
+    shows the plain grey image), 1 where all the attention is on one key. Returns (3, H, W) in [0, 1].
+
+    Volumes are shown as volume_views shows them, slices and a projection side by side, and so is
+    the heat: on the slices the map's own values there, on the projection its maximum along z. A
+    query voxel's dot is drawn on the slice nearest to it and on the projection."""
+    K, P, S, M = maps.shape[0], maps.shape[1], images.shape[-1], maps[0, 0].numel()
+    f = max(1, (256 if images.dim() == 4 else 96) // S)  # an integer zoom to panels of 256 px (96 for volumes)
+    heat = F.interpolate(maps.float().cpu(), size=images.shape[2:], mode="nearest")  # key cells as blocks
+    heat = ((heat * M).log() / math.log(M)).clamp(0, 1)  # (K, P, S, S[, S])
+    img = volume_views((images.float().cpu() + 1) / 2)  # (K, 3, S, S), or slices and projection side by side
+    img = F.interpolate(img, scale_factor=f, mode="nearest").clamp(0, 1)
+    heat = F.interpolate(volume_views(heat, pad_value=0.0), scale_factor=f, mode="nearest")
+    grey = img.mean(dim=1, keepdim=True).expand_as(img)  # (K, 3, fH, fW)
+    dots = []  # per point, its dots (x, y, colour) in the zoomed pictures
+    for p, (px, py, *pz) in enumerate(points):
+        # An image: the point itself. A volume: on the nearest slice and on the projection; a
+        # panel is S + 1 pixels wide with its gap.
+        nearest = min(range(len(SLICES)), key=lambda i: abs(slice_index(SLICES[i], S) - pz[0])) if pz else 0
+        panels = [nearest, len(SLICES)] if pz else [0]
+        dots.append([((i * (S + 1) + px) * f + f // 2, py * f + f // 2, DOT_COLOURS[p % len(DOT_COLOURS)]) for i in panels])
+    radius, pictures = max(2, f * S // 50), []
     for k in range(K):
-        panels.append(img[k].clone())
-        for x, y, colour in dots:
-            draw_dot(panels[-1], x, y, colour, radius)
-        for p, (x, y, colour) in enumerate(dots):
-            panels.append(grey[k] * (1 - heat[k, p]) + heat_colours(heat[k, p]) * heat[k, p])
-            draw_dot(panels[-1], x, y, colour, radius)
-    return make_grid(torch.stack(panels), nrow=1 + P, padding=4, pad_value=1.0)
+        pictures.append(img[k].clone())
+        for x, y, colour in sum(dots, []):
+            draw_dot(pictures[-1], x, y, colour, radius)
+        for p in range(P):
+            pictures.append(grey[k] * (1 - heat[k, p]) + heat_colours(heat[k, p]) * heat[k, p])
+            for x, y, colour in dots[p]:
+                draw_dot(pictures[-1], x, y, colour, radius)
+    return make_grid(torch.stack(pictures), nrow=1 + P, padding=4, pad_value=1.0)
+
+
+@torch.no_grad()
+def mirror_error(G, n, batch_size=50, device="cpu", seed=0):
+    """Mean |x - flip(x)| over the mirror line (plane, for volumes) x = 0 of n samples of G,
+    quantised like stored images, pixels in [0, 1]: 0 for a perfect mirror, as every synthetic
+    training image is. Each mirrored pair is counted twice, which leaves the mean unchanged."""
+    total, count = 0.0, 0
+    for images in generated_images(G, n, batch_size, device, seed):  # uint8 (B, 3, S, S[, S])
+        x = images.double() / 255
+        total += (x - x.flip(-1)).abs().sum().item()
+        count += x.numel()
+    return total / count
 
 
 @torch.no_grad()
 def class_grid(G, classes, per_class, batch_size=64, device="cpu", seed=0):
-    """Samples (rows * per_class, 3, S, S) in [0, 1], one row per class. Every row uses the same
+    """Samples (rows * per_class, 3, S, S) in [0, 1] (volumes: (.., S, S, S)), one row per class. Every row uses the same
     z, so a column shows what the label alone changes. classes=None: per_class unconditional rows."""
     gen = torch.Generator().manual_seed(seed)
     rows = len(classes) if classes else per_class
@@ -524,10 +581,11 @@ class EvalConfig:
     size: int = _arg(128, "image side for --data: the model's")
     images: str = _arg("", "a folder of images or a uint8 .npy (N, H, W, 3): its IS/FID, or its statistics")
     attention: str = _arg("", "write Figure 5 (G's last attention layer) to this PNG, the maps to .npz")
-    points: str = _arg("", 'query pixels "x,y;x,y;x,y" for --attention (default: three spread points)')
+    points: str = _arg("", 'query pixels "x,y;x,y;x,y" (voxels "x,y,z;...") for --attention (default: three spread points)')
     k: int = _arg(4, "images for --attention; samples per class for --grid")
     grid: str = _arg("", "write a sample grid, a row per class, to this PNG")
     classes: str = _arg("", 'classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)')
+    mirror: bool = _arg(False, "print the mirror error of --n samples: mean |x - flip(x)|, pixels in [0, 1]")
 
 
 def build_parser():
@@ -538,10 +596,11 @@ def build_parser():
     return p
 
 
-def _ints(text, flag, high, pairs=False):
+def _ints(text, flag, high, group=1):
     values = text.replace(";", ",").split(",")
-    if not all(re.fullmatch(r"\s*\d+\s*", v) and int(v) < high for v in values) or (pairs and len(values) % 2):
-        raise UserError(f"{flag} {text!r}: need {'pairs x,y of ' if pairs else ''}integers from 0 to {high - 1}")
+    if not all(re.fullmatch(r"\s*\d+\s*", v) and int(v) < high for v in values) or len(values) % group:
+        kind = {1: "", 2: "pairs x,y of ", 3: "triples x,y,z of "}[group]
+        raise UserError(f"{flag} {text!r}: need {kind}integers from 0 to {high - 1}")
     return [int(v) for v in values]
 
 
@@ -557,10 +616,12 @@ def _classes(text, n_classes, cap=16):
 def _write_pictures(cfg, G, mcfg, device):
     classes = _classes(cfg.classes, mcfg.n_classes)
     if cfg.attention:
-        # By default three points spread over the image (fractions of its side), not picked by hand.
-        values = _ints(cfg.points, "--points", mcfg.size, pairs=True) if cfg.points else \
-            [int(f * mcfg.size) for f in (0.3, 0.3, 0.7, 0.45, 0.45, 0.75)]
-        points = list(zip(values[::2], values[1::2]))
+        # By default three points spread over the image (fractions of its side), not picked by
+        # hand; in a volume, on its middle slice.
+        spread = [(0.3, 0.3), (0.7, 0.45), (0.45, 0.75)]
+        values = _ints(cfg.points, "--points", mcfg.size, mcfg.dims) if cfg.points else \
+            [int(f * mcfg.size) for point in spread for f in (point + (0.5,))[:mcfg.dims]]
+        points = [tuple(values[i:i + mcfg.dims]) for i in range(0, len(values), mcfg.dims)]
         gen = torch.Generator().manual_seed(cfg.seed)
         z = torch.randn(cfg.k, mcfg.z_dim, generator=gen)
         y = torch.tensor(classes)[torch.randint(len(classes), (cfg.k,), generator=gen)] if classes else None
@@ -571,7 +632,7 @@ def _write_pictures(cfg, G, mcfg, device):
                  maps=maps.float().cpu().numpy(), labels=np.array([] if y is None else y.tolist())))
         print(f"wrote {cfg.attention} and {raw} (beta: images x queries x keys = {tuple(beta.shape)})")
     if cfg.grid:
-        grid = class_grid(G, classes, cfg.k, cfg.batch_size, device, cfg.seed)
+        grid = volume_views(class_grid(G, classes, cfg.k, cfg.batch_size, device, cfg.seed))
         atomic_write(cfg.grid, lambda f: save_image(grid, f, nrow=cfg.k, format=image_format(cfg.grid)))
         print(f"wrote {cfg.grid}")
 
@@ -598,8 +659,8 @@ def evaluate(cfg):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if sum(map(bool, (cfg.ckpt, cfg.images, cfg.data))) != 1:
         raise UserError("give one source of images: --ckpt RUN/ckpt.pt, --images DIR|FILE.npy or --data SOURCE")
-    if (cfg.attention or cfg.grid) and not cfg.ckpt:
-        raise UserError("--attention and --grid draw samples of a generator: give --ckpt")
+    if (cfg.attention or cfg.grid or cfg.mirror) and not cfg.ckpt:
+        raise UserError("--attention, --grid and --mirror take samples of a generator: give --ckpt")
     for picture in (cfg.attention, cfg.grid):
         if picture:
             image_format(picture)  # before the work, not after it
@@ -613,6 +674,13 @@ def evaluate(cfg):
         G, mcfg, weights, step = _from_checkpoint(cfg.ckpt, device, cfg.ema)
         if cfg.attention or cfg.grid:
             return _write_pictures(cfg, G, mcfg, device)
+        if cfg.mirror:
+            error = mirror_error(G, cfg.n, cfg.batch_size, device, cfg.seed)
+            return print(f"mirror error {error:.4f}: mean |x - flip(x)| over the mirror {'line' if mcfg.dims == 2 else 'plane'} "
+                         f"of {cfg.n} samples, pixels in [0, 1] ({weights}, step {step})")
+        if mcfg.dims != 2:
+            raise UserError("IS and FID are defined for images; this generator makes volumes (use --grid, "
+                            "--attention or --mirror)")
         result.update(step=step, weights=weights, seed=cfg.seed)
         batches = generated_images(G, cfg.n, cfg.batch_size, device, cfg.seed)
     else:

@@ -27,13 +27,17 @@ Differences from the paper, numbered as in the README's list (which has the rest
     5. Conditional BN: per-class gain and bias tables, not spectrally normalised, starting at
        exactly gain 1 and bias 0 (BigGAN-PyTorch starts its gains at 1 plus a xavier-initialised
        table); the paper only says "conditional batch normalization".
-    6. SelfAttention runs on (B, C, *spatial) maps in 1-D, 2-D or 3-D; G and D are 2-D.
+    6. SelfAttention runs on (B, C, *spatial) maps in 1-D, 2-D or 3-D, and G and D on images or
+       volumes (ModelConfig.dims): the paper is 2-D only.
 Widths, block layouts, xavier init and D's sum pooling are the reference implementations';
 test_sagan.py checks the parameter counts against theirs (81.5 M at ImageNet 128, ch = 64).
+
+Volumes (dims = 3) use the same blocks with 3-D convolutions, batch norm, pooling and upsampling:
+LAYERS, below the width tables, is the one place that picks the layer types per dims.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -53,6 +57,26 @@ def sn(module, enabled=True):
     if getattr(module, "bias", None) is not None:
         nn.init.zeros_(module.bias)
     return spectral_norm(module) if enabled else module
+
+
+class Layers(NamedTuple):
+    """The layer types for one number of spatial dimensions, and its channels-last memory format."""
+
+    conv: type
+    batch_norm: type
+    avg_pool: Callable
+    max_pool: Callable
+    channels_last: torch.memory_format
+
+
+# The one place where the number of spatial dimensions picks the layer types: sequences (the
+# attention block alone), images (the paper) and volumes. The blocks below take a Layers and never
+# ask which it is; upsampling (F.interpolate) and the rest of the arithmetic work in any of them.
+LAYERS = {
+    1: Layers(nn.Conv1d, nn.BatchNorm1d, F.avg_pool1d, F.max_pool1d, torch.contiguous_format),
+    2: Layers(nn.Conv2d, nn.BatchNorm2d, F.avg_pool2d, F.max_pool2d, torch.channels_last),
+    3: Layers(nn.Conv3d, nn.BatchNorm3d, F.avg_pool3d, F.max_pool3d, torch.channels_last_3d),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,8 +100,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels, dims=2, pooled=True, use_sn=True):
         super().__init__()
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-        self.pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims] if pooled else None
+        conv = LAYERS[dims].conv
+        self.pool = LAYERS[dims].max_pool if pooled else None
         c8, c2 = channels // 8, channels // 2
         self.f = sn(conv(channels, c8, 1, bias=False), use_sn)  # key
         self.g = sn(conv(channels, c8, 1, bias=False), use_sn)  # query
@@ -90,7 +114,7 @@ class SelfAttention(nn.Module):
 
     def keys_values(self, x):
         fx, hx = self.f(x), self.h(x)  # (B, C/8, *spatial), (B, C/2, *spatial)
-        if self.pool is not None:  # difference 2: N -> M = N / 2^dims key positions
+        if self.pool is not None:  # difference 2: N -> M = N / 2^dims key positions (N/8 in 3-D)
             fx, hx = self.pool(fx, 2), self.pool(hx, 2)
         return fx.flatten(2), hx.flatten(2)  # (B, C/8, M), (B, C/2, M)
 
@@ -155,13 +179,26 @@ D_WIDTHS = {
 # 1's best), the 16x16 maps of StudioGAN's 32 px layout, half the image side at 64 px.
 DEFAULT_ATTN = {32: (16,), 64: (32,), 128: (64,), 256: (64,)}
 
+# Volumes (dims = 3), keyed by the side of the cube. At 32^3 the 32 px layout itself, attention at
+# 16^3; at 16^3 the same with one block fewer in G and D, attention at 8^3 (half the side, as in
+# 2-D), and G's last block half as wide, as the larger 2-D layouts narrow towards the output: its
+# 3x3x3 convolutions on 16^3 positions were 85 % of G's work, and the default 3-D run must train
+# on a 2-core CPU. A 3x3x3 convolution has 3x the weights of a 3x3 one and a cube of side S has S
+# times the positions of a square, so these stay narrow; there is no 3-D layout to match.
+G_WIDTHS_3D = {16: [4, 4, 2], 32: [4, 4, 4, 4]}
+D_WIDTHS_3D = {16: ([2, 2, 2], [True, True, False]), 32: ([2, 2, 2, 2], [True, True, False, False])}
+DEFAULT_ATTN_3D = {16: (8,), 32: (16,)}
+# The tables of each number of spatial dimensions G and D are built in: (G, D, attention).
+LAYOUTS = {2: (G_WIDTHS, D_WIDTHS, DEFAULT_ATTN), 3: (G_WIDTHS_3D, D_WIDTHS_3D, DEFAULT_ATTN_3D)}
+
 
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild G and D; checkpoints store it as a dict, and train.py makes
     each field but n_classes a command-line flag (n_classes comes from the data)."""
 
-    size: int = 128  # image side: 32, 64, 128 or 256
+    size: int = 128  # image side: 32, 64, 128 or 256; for volumes the cube's side, 16 or 32
+    dims: int = 2  # spatial dimensions: 2 = images (B, 3, S, S), 3 = volumes (B, 3, S, S, S)
     ch: int = 64  # width multiplier (BigGAN-PyTorch's G_ch = D_ch = 64 at ImageNet 128)
     z_dim: int = 128
     n_classes: int = 1000  # 0 = unconditional: plain BN in G, no projection in D
@@ -172,11 +209,14 @@ class ModelConfig:
     g_sn: bool = True  # spectral norm in G too (Sec. 4); False = the "SN on D only" baseline
 
     def __post_init__(self):
-        if self.size not in G_WIDTHS:
-            raise ValueError(f"size {self.size} is not supported; choose from {sorted(G_WIDTHS)}")
-        self.attn = DEFAULT_ATTN[self.size] if self.attn is None else tuple(int(r) for r in self.attn)
-        g_res = [4 * 2 ** (i + 1) for i in range(len(G_WIDTHS[self.size]) - 1)]
-        d_res = d_resolutions(self.size)
+        if self.dims not in LAYOUTS:
+            raise ValueError(f"dims {self.dims} is not supported; choose 2 (images) or 3 (volumes)")
+        g_widths, _, default_attn = LAYOUTS[self.dims]
+        if self.size not in g_widths:
+            raise ValueError(f"size {self.size} is not supported at dims {self.dims}; choose from {sorted(g_widths)}")
+        self.attn = default_attn[self.size] if self.attn is None else tuple(int(r) for r in self.attn)
+        g_res = [4 * 2 ** (i + 1) for i in range(len(self.g_widths) - 1)]
+        d_res = d_resolutions(self)
         for r in self.attn:
             if r not in g_res or r not in d_res:
                 allowed = sorted(set(g_res) & set(d_res))
@@ -186,11 +226,25 @@ class ModelConfig:
             raise ValueError(f"need ch >= 8, z_dim >= 1 and n_classes >= 0; got ch {self.ch}, "
                              f"z_dim {self.z_dim}, n_classes {self.n_classes}")
 
+    @property
+    def layers(self):
+        return LAYERS[self.dims]
 
-def d_resolutions(size):
+    @property
+    def g_widths(self):
+        """Channel multipliers of G: the 4x4 (4x4x4) input, then each up-block's output."""
+        return LAYOUTS[self.dims][0][self.size]
+
+    @property
+    def d_widths(self):
+        """(channel multipliers, halves the resolution) of each D block."""
+        return LAYOUTS[self.dims][1][self.size]
+
+
+def d_resolutions(cfg):
     """The resolution after each D block."""
-    out, res = [], size
-    for down in D_WIDTHS[size][1]:
+    out, res = [], cfg.size
+    for down in cfg.d_widths[1]:
         res = res // 2 if down else res
         out.append(res)
     return out
@@ -206,10 +260,10 @@ class ConditionalBatchNorm(nn.Module):
     With n_classes = 0 it is plain BatchNorm with a learned affine (the unconditional model).
     """
 
-    def __init__(self, channels, n_classes):
+    def __init__(self, channels, n_classes, layers):
         super().__init__()
         self.n_classes = n_classes
-        self.bn = nn.BatchNorm2d(channels, affine=n_classes == 0)
+        self.bn = layers.batch_norm(channels, affine=n_classes == 0)
         if n_classes:
             self.gain = nn.Embedding(n_classes, channels)
             self.bias = nn.Embedding(n_classes, channels)
@@ -220,51 +274,55 @@ class ConditionalBatchNorm(nn.Module):
         x = self.bn(x)
         if not self.n_classes:
             return x
-        return x * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+        shape = (*y.shape, -1) + (1,) * (x.dim() - 2)  # (B, C, 1, 1) or (B, C, 1, 1, 1)
+        return x * self.gain(y).view(shape) + self.bias(y).view(shape)
 
 
 class GBlock(nn.Module):
     """CBN -> ReLU -> 2x nearest upsample -> conv3x3 -> CBN -> ReLU -> conv3x3, plus a
-    shortcut upsample -> conv1x1."""
+    shortcut upsample -> conv1x1 (3x3x3 and 1x1x1 on volumes)."""
 
-    def __init__(self, c_in, c_out, n_classes, use_sn):
+    def __init__(self, c_in, c_out, n_classes, use_sn, layers):
         super().__init__()
-        self.bn1 = ConditionalBatchNorm(c_in, n_classes)
-        self.conv1 = sn(nn.Conv2d(c_in, c_out, 3, padding=1), use_sn)
-        self.bn2 = ConditionalBatchNorm(c_out, n_classes)
-        self.conv2 = sn(nn.Conv2d(c_out, c_out, 3, padding=1), use_sn)
-        self.conv_sc = sn(nn.Conv2d(c_in, c_out, 1), use_sn)
+        conv = layers.conv
+        self.bn1 = ConditionalBatchNorm(c_in, n_classes, layers)
+        self.conv1 = sn(conv(c_in, c_out, 3, padding=1), use_sn)
+        self.bn2 = ConditionalBatchNorm(c_out, n_classes, layers)
+        self.conv2 = sn(conv(c_out, c_out, 3, padding=1), use_sn)
+        self.conv_sc = sn(conv(c_in, c_out, 1), use_sn)
 
     def forward(self, x, y):
-        h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2.0)  # (B, c_in, 2H, 2W)
+        h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2.0)  # (B, c_in, 2H, 2W) or (.., 2D, 2H, 2W)
         h = self.conv2(F.relu(self.bn2(self.conv1(h), y)))  # (B, c_out, 2H, 2W)
         return h + self.conv_sc(F.interpolate(x, scale_factor=2.0))
 
 
 class Generator(nn.Module):
-    """z (B, z_dim), y (B,) -> images (B, 3, size, size) in [-1, 1]."""
+    """z (B, z_dim), y (B,) -> images (B, 3, size, size) in [-1, 1], or volumes
+    (B, 3, size, size, size) with cfg.dims = 3."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        widths = [w * cfg.ch for w in G_WIDTHS[cfg.size]]
-        self.linear = sn(nn.Linear(cfg.z_dim, 4 * 4 * widths[0]), cfg.g_sn)
+        layers = cfg.layers
+        widths = [w * cfg.ch for w in cfg.g_widths]
+        self.linear = sn(nn.Linear(cfg.z_dim, 4 ** cfg.dims * widths[0]), cfg.g_sn)
         self.blocks = nn.ModuleList()
         res = 4
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             res *= 2
-            self.blocks.append(GBlock(c_in, c_out, cfg.n_classes, cfg.g_sn))
+            self.blocks.append(GBlock(c_in, c_out, cfg.n_classes, cfg.g_sn, layers))
             if res in cfg.attn:  # Table 1: attention after the block that outputs res x res
-                self.blocks.append(SelfAttention(c_out, pooled=cfg.pooled, use_sn=cfg.g_sn))
-        self.bn = nn.BatchNorm2d(widths[-1])
-        self.conv_out = sn(nn.Conv2d(widths[-1], 3, 3, padding=1), cfg.g_sn)
+                self.blocks.append(SelfAttention(c_out, cfg.dims, cfg.pooled, cfg.g_sn))
+        self.bn = layers.batch_norm(widths[-1])
+        self.conv_out = sn(layers.conv(widths[-1], 3, 3, padding=1), cfg.g_sn)
 
     @property
     def attention_layers(self):
         return [b for b in self.blocks if isinstance(b, SelfAttention)]
 
     def forward(self, z, y=None, return_attention=False):
-        h = self.linear(z).view(z.shape[0], -1, 4, 4)  # (B, 16ch, 4, 4) at size 128
+        h = self.linear(z).view(z.shape[0], -1, *(4,) * self.cfg.dims)  # (B, 16ch, 4, 4) at size 128
         betas = []
         for block in self.blocks:  # each GBlock doubles the resolution
             if isinstance(block, SelfAttention) and return_attention:
@@ -274,7 +332,7 @@ class Generator(nn.Module):
                 h = block(h)
             else:
                 h = block(h, y)
-        x = torch.tanh(self.conv_out(F.relu(self.bn(h))))  # (B, 3, size, size)
+        x = torch.tanh(self.conv_out(F.relu(self.bn(h))))  # (B, 3, size, size[, size])
         return (x, betas) if return_attention else x
 
 
@@ -284,48 +342,48 @@ class Generator(nn.Module):
 
 class DBlock(nn.Module):
     """Pre-activation ReLU -> conv3x3 -> ReLU -> conv3x3 -> 2x2 avg-pool, plus a shortcut
-    conv1x1 -> avg-pool. The first ("optimized") block reads RGB, so it has no input ReLU and
-    pools before its shortcut conv."""
+    conv1x1 -> avg-pool (3x3x3, 2x2x2, 1x1x1 on volumes). The first ("optimized") block reads RGB,
+    so it has no input ReLU and pools before its shortcut conv."""
 
-    def __init__(self, c_in, c_out, down, first=False):
+    def __init__(self, c_in, c_out, down, first, layers):
         super().__init__()
-        self.down, self.first = down, first
-        self.conv1 = sn(nn.Conv2d(c_in, c_out, 3, padding=1))
-        self.conv2 = sn(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.down, self.first, self.pool = down, first, layers.avg_pool
+        self.conv1 = sn(layers.conv(c_in, c_out, 3, padding=1))
+        self.conv2 = sn(layers.conv(c_out, c_out, 3, padding=1))
         learnable_sc = c_in != c_out or down
-        self.conv_sc = sn(nn.Conv2d(c_in, c_out, 1)) if learnable_sc else None
+        self.conv_sc = sn(layers.conv(c_in, c_out, 1)) if learnable_sc else None
 
     def shortcut(self, x):
         if self.first:
-            return self.conv_sc(F.avg_pool2d(x, 2))
+            return self.conv_sc(self.pool(x, 2))
         if self.conv_sc is not None:
             x = self.conv_sc(x)
-        return F.avg_pool2d(x, 2) if self.down else x
+        return self.pool(x, 2) if self.down else x
 
     def forward(self, x):
         # Out of place: an in-place ReLU here would also change x, which the shortcut reads.
         h = x if self.first else F.relu(x)
         h = self.conv2(F.relu(self.conv1(h)))
         if self.down:
-            h = F.avg_pool2d(h, 2)  # (B, c_out, H/2, W/2)
+            h = self.pool(h, 2)  # (B, c_out, H/2, W/2)
         return h + self.shortcut(x)
 
 
 class Discriminator(nn.Module):
-    """x (B, 3, size, size), y (B,) -> logits (B,)."""
+    """x (B, 3, size, size) or (B, 3, size, size, size), y (B,) -> logits (B,)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        widths, downs = D_WIDTHS[cfg.size]
+        widths, downs = cfg.d_widths
         widths = [3] + [w * cfg.ch for w in widths]
         self.blocks = nn.ModuleList()
         res, placed = cfg.size, set()
         for i, (c_in, c_out, down) in enumerate(zip(widths[:-1], widths[1:], downs)):
             res = res // 2 if down else res
-            self.blocks.append(DBlock(c_in, c_out, down, first=i == 0))
+            self.blocks.append(DBlock(c_in, c_out, down, i == 0, cfg.layers))
             if res in cfg.attn and res not in placed:  # after the first block that outputs res
-                self.blocks.append(SelfAttention(c_out, pooled=cfg.pooled))
+                self.blocks.append(SelfAttention(c_out, cfg.dims, cfg.pooled))
                 placed.add(res)
         self.linear = sn(nn.Linear(widths[-1], 1))
         # Projection (Miyato & Koyama 2018): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
@@ -339,7 +397,7 @@ class Discriminator(nn.Module):
         h = x
         for block in self.blocks:
             h = block(h)
-        h = F.relu(h).sum(dim=(2, 3))  # (B, 16ch): global sum pooling
+        h = F.relu(h).sum(dim=tuple(range(2, h.dim())))  # (B, 16ch): global sum pooling
         out = self.linear(h).squeeze(1)  # (B,)
         if self.embed is not None:
             out = out + (self.embed(y) * h).sum(dim=1)

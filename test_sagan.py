@@ -41,8 +41,8 @@ import data
 import evaluate as ev
 import train
 from data import UserError, make_dataset
-from sagan import (ConditionalBatchNorm, Discriminator, Generator, ModelConfig, SelfAttention, attention_map,
-                   d_hinge_loss, g_hinge_loss, sn)
+from sagan import (LAYERS, ConditionalBatchNorm, Discriminator, Generator, ModelConfig, SelfAttention,
+                   attention_map, d_hinge_loss, g_hinge_loss, sn)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The GPU code paths are tested where a GPU is present (`pytest -k cuda` runs just those).
@@ -261,7 +261,7 @@ def test_attention_defaults_to_the_size_and_bad_configs_are_refused():
 @pytest.mark.conditioning
 def test_conditional_batch_norm_scales_and_shifts_by_class():
     torch.manual_seed(0)
-    cbn = ConditionalBatchNorm(6, n_classes=4)
+    cbn = ConditionalBatchNorm(6, n_classes=4, layers=LAYERS[2])
     with torch.no_grad():  # away from their starting values, gain 1 and bias 0, to tell them apart
         cbn.gain.weight.uniform_(0.5, 1.5)
         cbn.bias.weight.normal_()
@@ -291,6 +291,71 @@ def test_projection_adds_the_class_embedding_dot_phi():
 
 
 @pytest.mark.conditioning
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_volume_shapes_and_range(size):
+    torch.manual_seed(0)
+    cfg = ModelConfig(size=size, dims=3, ch=8, n_classes=10)
+    assert cfg.attn == (size // 2,)  # half the side, as in 2-D
+    G, D = Generator(cfg).eval(), Discriminator(cfg)  # eval: batch statistics need no second volume
+    z, y = torch.randn(1, cfg.z_dim), torch.tensor([9])
+    x, betas = G(z, y, return_attention=True)
+    assert x.shape == (1, 3, size, size, size)
+    assert x.abs().max() <= 1.0 and x.std() > 0
+    assert D(x, y).shape == (1,)
+    n = (size // 2) ** 3  # queries on G's (S/2)^3 map, keys max-pooled 2x2x2: N / 8
+    assert len(betas) == 1 and betas[0].shape == (1, n, n // 8)
+    assert len(D.attention_layers) == 1
+
+
+@pytest.mark.parametrize("size,ch,g,d", [
+    (16, 8, 346_756, 36_786),  # the default 3-D run
+    (32, 16, 1_222_916, 199_202),
+])
+def test_parameter_counts_volumes(size, ch, g, d):
+    cfg = ModelConfig(size=size, dims=3, ch=ch, n_classes=10)
+    assert n_params(Generator(cfg)) == g
+    assert n_params(Discriminator(cfg)) == d
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_one_table_picks_the_layer_types(dims):
+    """Every conv, batch norm and attention block of G and D has the model's dimensionality, from
+    sagan.LAYERS; none of the other one's layers is left over."""
+    cfg = ModelConfig(size=16 if dims == 3 else 32, dims=dims, ch=8, n_classes=10)
+    layers = LAYERS[dims]
+    for net in (Generator(cfg), Discriminator(cfg)):
+        convs = [m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+        norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        others = [t for d, other in LAYERS.items() if d != dims for t in (other.conv, other.batch_norm)]
+        assert convs and all(isinstance(m, layers.conv) for m in convs)  # spectral norm subclasses them
+        assert all(isinstance(m, layers.batch_norm) for m in norms) and (norms or isinstance(net, Discriminator))
+        assert not any(isinstance(m, tuple(others)) for m in convs + norms)
+        assert all(a.pool is layers.max_pool for a in net.attention_layers)
+
+
+def test_volume_generator_fused_and_explicit_attention_agree():
+    torch.manual_seed(0)
+    G = Generator(ModelConfig(size=16, dims=3, ch=8, n_classes=10)).eval()
+    G.attention_layers[0].gamma.data.fill_(1.0)  # otherwise the block is the identity
+    z, y = torch.randn(2, 128), torch.tensor([1, 7])
+    fused = G(z, y)
+    explicit, _ = G(z, y, return_attention=True)  # beta requested: the explicit path
+    assert (fused - explicit).abs().max() <= 1e-5
+    G.attention_layers[0].gamma.data.zero_()
+    assert (G(z, y) - fused).abs().max() > 1e-3  # the attention block does change the volume
+
+
+def test_volume_configs_are_refused_with_the_sizes_they_allow():
+    with pytest.raises(ValueError, match=r"dims 4 is not supported"):
+        ModelConfig(size=16, dims=4)
+    with pytest.raises(ValueError, match=r"size 64 is not supported at dims 3; choose from \[16, 32\]"):
+        ModelConfig(size=64, dims=3)
+    with pytest.raises(ValueError, match="attention resolution 16"):
+        ModelConfig(size=16, dims=3, attn=(16,))
+
+
 def test_projection_uses_the_label():
     torch.manual_seed(0)
     cfg = ModelConfig(size=32, ch=8, n_classes=10, attn=())
@@ -362,6 +427,51 @@ def test_gamma_gets_a_gradient_at_zero():
 # ---------------------------------------------------------------------------------------------
 # data.py
 # ---------------------------------------------------------------------------------------------
+
+# --- synthetic volumes --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [7, 16, 32])
+def test_synthetic_volumes_are_deterministic_and_exactly_mirror_symmetric(size):
+    torch.manual_seed(0)
+    torch_state = torch.get_rng_state()
+    a, b = make_dataset("synthetic3d", None, size), make_dataset("synthetic3d", None, size)
+    assert a.dims == 3 and a.n_classes == 10 and len(a) == 50_000
+    for i in range(10):
+        x, y = a[i]
+        assert x.shape == (3, size, size, size) and x.dtype == torch.float32 and y == i % 10
+        assert torch.equal(x, b[i][0])  # an index always gives the same volume
+        assert torch.equal(x, x.flip(-1))  # mirror images about the centre plane x = 0
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert not torch.equal(a[3][0], a[13][0])  # same class, another volume
+    x = a[0][0]
+    assert -1 <= x.min() < -0.5 and 0 < x.max() <= 1  # dark background, a bright solid
+
+
+def test_synthetic_solids_differ_and_both_copies_are_in_the_volume():
+    u = np.linspace(-1.5, 1.5, 48, dtype=np.float32)
+    dz, dy, dx = np.meshgrid(u, u, u, indexing="ij")
+    masks = [solid(np.abs(dx), np.abs(dy), dy, np.abs(dz)) < 1 for solid in data.SOLIDS]
+    for i in range(10):
+        assert masks[i].sum() > 0.02 * masks[i].size, i  # no solid is too thin to see at 16^3
+        for j in range(i):
+            iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+            assert iou < 0.8, (i, j, iou)
+    # Each volume holds two separate solids, one on each side of the mirror plane: the two middle
+    # columns of voxels are background (no brighter than 0.25, -0.5 in [-1, 1]).
+    d = make_dataset("synthetic3d", None, 16)
+    for i in range(30):
+        x = d[i][0]  # (3, D, H, W)
+        bright = x.amax(dim=0) > -0.45  # (D, H, W) voxels of a solid
+        assert bright[..., :8].any() and not bright[..., 7:9].any(), i
+
+
+def test_volumes_and_images_are_not_mixed_up():
+    with pytest.raises(UserError, match="cifar10 data is 2-D and the model 3-D"):
+        make_dataset("cifar10", None, 16, dims=3)
+    with pytest.raises(UserError, match="synthetic3d data is 3-D and the model 2-D"):
+        make_dataset("synthetic3d", None, 32, dims=2)
+    with pytest.raises(UserError, match="prepare copies a source of images, not synthetic3d"):
+        data.prepare("synthetic3d", None, 16, "/nonexistent")
 
 # --- synthetic ----------------------------------------------------------------------------------
 
@@ -647,22 +757,29 @@ def assert_same_state(a, b, path="ckpt"):
         assert a == b, path
 
 
+# The 3-D counterpart of TINY: 16^3 volumes, the smallest 3-D model.
+TINY3D = ["--dims", "3", "--ch", "8", "--batch-size", "4", "--log-every", "2", "--sample-every", "2",
+          "--ckpt-every", "100"]
+
+
 @pytest.mark.slow
-def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
-    """5 steps, resume, 5 more == 10 straight: G, D, EMA, optimizers, SN vectors and all RNGs,
-    with flips on (their randomness must resume too) and the EMA switching on mid-run."""
-    common = TINY + ["--ema", "--ema-start", "3", "--flip"]
-    assert train.main(common + ["--steps", "10", "--out", tmp_path / "straight"]) == 0
-    assert train.main(common + ["--steps", "5", "--out", tmp_path / "split"]) == 0
-    assert train.main(["--resume", "--out", tmp_path / "split", "--steps", "10"]) == 0
+@pytest.mark.parametrize("tiny,steps", [(TINY, 10), (TINY3D, 4)], ids=["images", "volumes"])
+def test_resume_is_bit_identical_to_a_straight_run(tmp_path, tiny, steps):
+    """Half the steps, resume, the other half == all of them straight: G, D, EMA, optimizers, SN
+    vectors and all RNGs, with flips on (their randomness must resume too) and the EMA switching
+    on mid-run; for images and for volumes."""
+    common = tiny + ["--ema", "--ema-start", "3", "--flip"]
+    assert train.main(common + ["--steps", steps, "--out", tmp_path / "straight"]) == 0
+    assert train.main(common + ["--steps", steps // 2, "--out", tmp_path / "split"]) == 0
+    assert train.main(["--resume", "--out", tmp_path / "split", "--steps", steps]) == 0
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 10
+    assert a["step"] == b["step"] == steps
     for key in ("G", "D", "G_ema", "opt_G", "opt_D", "rng", "model"):
         assert_same_state(a[key], b[key], key)
-    # The log of the resumed run continues the first one: steps 5 and 10, one line each.
+    # The log of the resumed run continues the first one: one line at each half.
     log = [json.loads(l) for l in open(tmp_path / "split" / "log.jsonl")]
-    assert [r["step"] for r in log] == [5, 10]
+    assert [r["step"] for r in log] == [steps // 2, steps]
     assert log[1]["loss_d_real"] == [json.loads(l) for l in open(tmp_path / "straight" / "log.jsonl")][1]["loss_d_real"]
 
 
@@ -857,6 +974,29 @@ def test_run_folder_contents(tmp_path):
     assert config["train"]["beta1"] == 0.0 and config["train"]["beta2"] == 0.9
 
 
+@pytest.mark.slow
+def test_volume_training_steps_are_finite_and_samples_show_slices(tmp_path):
+    assert train.main(TINY3D + ["--steps", "2", "--out", tmp_path]) == 0
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["train"]["data"] == "synthetic3d" and config["model"]["dims"] == 3
+    record = json.loads(open(tmp_path / "log.jsonl").readline())
+    assert all(np.isfinite(record[k]) for k in ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake"))
+    assert len(record["gamma_g"]) == len(record["gamma_d"]) == 1
+    with Image.open(tmp_path / "samples" / "step_0000002.png") as im:
+        assert im.size == (8 * 67 + 9 * 2, 10 * 16 + 11 * 2)  # a row per class, 8 volumes of 4 views
+
+
+def test_dims_3_selects_the_volumes_and_the_default_3d_run():
+    cfg, given = train.parse_config(["--dims", "3"])
+    assert given == {"dims"} and cfg.data == "synthetic3d"
+    assert (cfg.model.dims, cfg.model.size, cfg.model.attn) == (3, 16, (8,))
+    assert (cfg.model.ch, cfg.batch_size, cfg.steps) == (8, 32, 1200)  # the preset of the default 3-D run
+    assert train.parse_config(["--data", "synthetic3d"])[0] == cfg
+    cfg, _ = train.parse_config(["--dims", "3", "--size", "32", "--ch", "16"])
+    assert (cfg.model.size, cfg.model.ch, cfg.model.attn) == (32, 16, (16,))  # flags win
+    assert train.parse_config([])[0].data == "synthetic"
+
+
 def test_imagenet_preset_is_the_papers():
     cfg, _ = train.parse_config(["--data", "imagenet", "--data-root", "/x"])
     train.check_config(cfg)
@@ -931,6 +1071,10 @@ def bad_train_inputs(tmp_path_factory):
     (["--resume", "{d}/v99.pt"], "format version 99"),
     (["--eval-every", "5", "--ref-stats", "{d}/junk.pt"], "cannot read statistics file"),
     (["--eval-every", "5", "--eval-n", "5"], "--eval-n must be at least 10"),
+    (["--dims", "4"], "dims 4 is not supported"),
+    (["--dims", "3", "--size", "64"], "size 64 is not supported at dims 3"),
+    (["--dims", "3", "--data", "cifar10"], "cifar10 data is 2-D and the model 3-D"),
+    (["--data", "synthetic3d", "--dims", "2", "--size", "32"], "synthetic3d data is 3-D and the model 2-D"),
 ])
 def test_train_user_errors_print_one_line_and_exit_2(args, message, bad_train_inputs, tmp_path, capsys):
     argv = [a.format(d=bad_train_inputs) for a in args] + ["--out", tmp_path / "out"]
@@ -970,6 +1114,20 @@ def test_benchmark_smoke_prints_the_table():
     shares = [float(line.split()[-2].rstrip("%")) for line in profile]
     assert len(profile) == 12 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
     assert any("conv" in line for line in profile[:5]), profile
+
+
+def test_benchmark_attention_on_volumes_and_the_explicit_path_that_cannot_fit(monkeypatch, capsys):
+    assert benchmark.main(["--attention", "2,16,8,8,8", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "(B, C, D, H, W) = (2, 16, 8, 8, 8), N = 512 positions, M = 64 keys" in out
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["fused", "explicit"]
+    monkeypatch.setattr(benchmark, "available_memory", lambda device: benchmark.EXPLICIT_COPIES * 2 * 512 * 64 * 4)
+    assert benchmark.main(["--attention", "2,16,8,8,8", "--iters", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines[0].split()[0] == "fused" and len(lines) == 2
+    assert lines[1].startswith(f"explicit  does not fit: its score matrix B x N x M x 4 bytes = {2 * 512 * 64 * 4 / 2**30:.3g} GiB")
+    assert benchmark.main(["--attention", "1,2,3"]) == 2
+    assert "B,C,H,W or B,C,D,H,W" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -1037,9 +1195,9 @@ def fid_net(fid_weights):
     return ev.load_inception(fid_weights)
 
 
-def make_checkpoint(path, attn=(16,), n_classes=3):
+def make_checkpoint(path, attn=(16,), n_classes=3, size=32, dims=2):
     """A checkpoint in train.py's format (train.GAN.state), with different G and G_ema weights."""
-    cfg = ModelConfig(size=32, ch=8, z_dim=16, n_classes=n_classes, attn=attn)
+    cfg = ModelConfig(size=size, dims=dims, ch=8, z_dim=16, n_classes=n_classes, attn=attn)
     torch.manual_seed(1)
     G, G_ema = Generator(cfg), Generator(cfg)
     for layer in G_ema.attention_layers:
@@ -1053,6 +1211,11 @@ def make_checkpoint(path, attn=(16,), n_classes=3):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("run") / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def ckpt3d(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("run3d") / "ckpt.pt", attn=(8,), size=16, dims=3)
 
 
 def random_spd(d, seed, rank=None):
@@ -1369,6 +1532,67 @@ def test_grid_has_a_row_per_class(ckpt, tmp_path):
         assert im.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # save_image pads 2 px
 
 
+def test_volume_views_are_slices_and_a_projection():
+    x = torch.rand(2, 3, 16, 16, 16)  # (B, C, D, H, W)
+    v = ev.volume_views(x)
+    assert v.shape == (2, 3, 16, 4 * 16 + 3)  # three slices and the projection, a 1 px gap each
+    for i, depth in enumerate((4, 8, 12)):  # ev.SLICES of 16
+        assert torch.equal(v[..., i * 17:i * 17 + 16], x[:, :, depth])
+        assert (v[..., i * 17 + 16] == 1.0).all()
+    assert torch.equal(v[..., 51:], x.amax(dim=2))  # maximum intensity along z
+    images = x[:, :, 0]
+    assert ev.volume_views(images) is images
+
+
+def test_volume_attention_figure_and_grid(ckpt3d, tmp_path):
+    out = tmp_path / "attn3d.png"
+    assert ev.main(["--ckpt", ckpt3d, "--attention", str(out), "--k", "2", "--points", "15,0,15;0,2,4"]) == 0
+    raw = np.load(tmp_path / "attn3d.npz")
+    beta, maps = raw["beta"], raw["maps"]
+    assert beta.shape == (2, 8 ** 3, 4 ** 3) and raw["images"].shape == (2, 3, 16, 16, 16)
+    assert maps.shape == (2, 2, 4, 4, 4)  # per point, its row of beta on the pooled 4^3 key grid
+    # Voxel (x, y, z) = (15, 0, 15) is query (7, 0, 7) of the 8^3 map, index (7 * 8 + 0) * 8 + 7 =
+    # 455; voxel (0, 2, 4) is query (0, 1, 2), index (2 * 8 + 1) * 8 + 0 = 136.
+    assert np.array_equal(maps[:, 0].reshape(2, -1), beta[:, 455])
+    assert np.array_equal(maps[:, 1].reshape(2, -1), beta[:, 136])
+    with Image.open(out) as im:
+        f = 96 // 16  # zoom; a row per volume: its views, then one per point, 4 px apart
+        assert im.size == (3 * (f * 67 + 4) + 4, 2 * (f * 16 + 4) + 4)
+        # The dots: on the slice nearest to the voxel (z 15: the slice at 12, panel 2; z 4: the
+        # slice at 4, panel 0) and on the projection (panel 3), in the point's colour.
+        pixel = lambda panel, x, y: im.getpixel((4 + (panel * 17 + x) * f + f // 2, 4 + y * f + f // 2))
+        assert pixel(2, 15, 0) == pixel(3, 15, 0) == (255, 0, 255)
+        assert pixel(0, 0, 2) == pixel(3, 0, 2) == (0, 255, 255)
+    assert ev.main(["--ckpt", ckpt3d, "--grid", str(tmp_path / "grid.png"), "--classes", "0,2", "--k", "3"]) == 0
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size == (3 * 67 + 4 * 2, 2 * 16 + 3 * 2)
+
+
+class FixedGenerator(torch.nn.Module):
+    """Returns the given volumes whatever z and y are."""
+
+    def __init__(self, volumes):
+        super().__init__()
+        self.volumes, self.cfg = volumes, ModelConfig(size=16, dims=3, ch=8, n_classes=10)
+
+    def forward(self, z, y):
+        return self.volumes[:len(z)]
+
+
+def test_mirror_error_on_closed_forms(ckpt3d, capsys):
+    d = make_dataset("synthetic3d", None, 16)
+    assert ev.mirror_error(FixedGenerator(torch.stack([d[i][0] for i in range(4)])), 4, batch_size=3) == 0.0
+    halves = torch.full((4, 3, 16, 16, 16), -1.0)
+    halves[..., 8:] = 1.0  # black left, white right: every voxel differs from its mirror by 1
+    assert ev.mirror_error(FixedGenerator(halves), 4) == 1.0
+    # A ramp over x, column j at j / 15 (exact bytes, 17 j): mean |2j - 15| / 15 = 128 / 240.
+    ramp = (torch.arange(16.0) / 15 * 2 - 1).expand(4, 3, 16, 16, 16)
+    assert ev.mirror_error(FixedGenerator(ramp), 4) == pytest.approx(128 / 240, abs=1e-12)
+    assert ev.main(["--ckpt", ckpt3d, "--mirror", "--n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mirror error 0.") and "over the mirror plane of 3 samples" in out, out
+
+
 @pytest.mark.slow
 def test_metrics_end_to_end_cli_and_api_agree(ckpt, fid_weights, tmp_path, capsys):
     # 4 images and 2 IS splits keep this fast; the published protocol is 50k images and 10 splits.
@@ -1435,6 +1659,7 @@ def bad_inputs(tmp_path_factory):
     np.savez(d / "nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
     (d / "bomb").mkdir()  # a PNG header claiming 20000 x 20000 pixels: Pillow refuses to decode it
     (d / "bomb" / "big.png").write_bytes(png_header(20000, 20000))
+    make_checkpoint(d / "volumes.pt", attn=(8,), size=16, dims=3)
     return d
 
 
@@ -1466,6 +1691,10 @@ def png_header(width, height):
     (["--ckpt", "{ckpt}", "--grid", "{d}/g.png", "--classes", "3"], "integers from 0 to 2"),
     (["--ckpt", "{ckpt}", "--grid", "{d}/g.png", "--classes", "a,b"], "--classes"),
     (["--ckpt", "{d}/noattn.pt", "--attention", "{d}/a.png"], "no attention layer"),
+    (["--ckpt", "{d}/volumes.pt", "--attention", "{d}/a.png", "--points", "1,2"], "triples x,y,z of integers from 0 to 15"),
+    (["--ckpt", "{d}/volumes.pt"], "IS and FID are defined for images"),
+    (["--data", "synthetic3d", "--size", "16", "--make-ref-stats", "{d}/s.npz"], "synthetic3d holds volumes"),
+    (["--images", "{d}/ten.npy", "--mirror"], "give --ckpt"),
     (["--images", "{d}/empty"], "no images"),
     (["--images", "{d}/missing.npy"], "cannot read"),
     (["--images", "{d}/float.npy"], "must hold uint8 images"),
@@ -1977,7 +2206,7 @@ REACH_BLANK = {
     "attention_map": lambda m: m.attention_map(torch.randn(1, 2, 4), torch.randn(1, 2, 4)),
     "SelfAttention.__init__": lambda m: m.SelfAttention(16),
     "SelfAttention.forward": lambda m: m.SelfAttention(16)(torch.randn(1, 16, 4, 4)),
-    "ConditionalBatchNorm.forward": lambda m: m.ConditionalBatchNorm(4, 3)(torch.randn(2, 4, 2, 2), torch.tensor([0, 2])),
+    "ConditionalBatchNorm.forward": lambda m: m.ConditionalBatchNorm(4, 3, m.LAYERS[2])(torch.randn(2, 4, 2, 2), torch.tensor([0, 2])),
     "Discriminator.forward": lambda m: m.Discriminator(m.ModelConfig(size=32, ch=8, n_classes=3, attn=()))(
         torch.randn(1, 3, 32, 32), torch.tensor([2])),
     "d_hinge_loss": lambda m: m.d_hinge_loss(torch.zeros(2), torch.zeros(2)),
