@@ -5,6 +5,7 @@
     python evaluate.py --ckpt runs/x/ckpt.pt --attention attn.png  # Figure 5: where G looks
     python evaluate.py --ckpt runs/x/ckpt.pt --grid grid.png --classes 1,207,980
     python evaluate.py --ckpt runs/x/ckpt.pt --mirror --n 1000    # mirror error of the samples
+    python evaluate.py --ckpt runs/sagan/ckpt.pt  # trained on the synthetic data: exact measurements, offline
 
 Reference protocol (the one behind published IS and FID: TTUR's and improved-gan's TensorFlow
 code, which torch-fidelity re-implements)
@@ -26,6 +27,11 @@ a symmetric matrix similar to S1 S2, not from scipy's sqrtm (frechet_distance: t
 ~1e-12 relative, ~10x faster); the input is resized as TF 1.x does (pytorch-fid uses torch's
 bilinear interpolate on 2x/255 - 1, so its FID differs from TF's by about 0.1-0.2 %); Figure 5
 is drawn our way, since the paper does not say how (attention_figure).
+
+The built-in synthetic data is drawn by a known program, so a generator trained on it is measured
+exactly and offline (synthetic_metrics): the mirror error, the share of samples showing the
+asked-for colour and shape (two small probe classifiers trained here, in seconds), FID and
+precision/recall in the probes' features, and how far G's attention reaches (Figure 5 as a number).
 
 Volumes (a generator trained with --dims 3) have no IS or FID; their pictures show a few slices
 across the depth and a maximum-intensity projection (volume_views), in the grids and in Figure 5.
@@ -340,7 +346,8 @@ def load_checkpoint(path, parts=CKPT_PARTS):
 
 
 def _from_checkpoint(path, device, ema):
-    """(G in eval mode, ModelConfig, "G_ema" or "G", step) from a train.py checkpoint."""
+    """(G in eval mode, ModelConfig, "G_ema" or "G", step, the data it was trained on) from a
+    train.py checkpoint."""
     ckpt = load_checkpoint(path, parts=("step", "model", "G"))
     name = "G_ema" if ema and ckpt.get("G_ema") is not None else "G"
     try:
@@ -350,7 +357,7 @@ def _from_checkpoint(path, device, ema):
     except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # wrong fields, shapes, keys
         raise UserError(f"{path} is a damaged sagan checkpoint: its {name} does not fit its model "
                         f"configuration ({_first_line(e, 150)})") from None
-    return G.eval().to(device), cfg, name, ckpt.get("step")
+    return G.eval().to(device), cfg, name, ckpt.get("step"), (ckpt.get("train") or {}).get("data")
 
 
 def load_generator(ckpt_path, device="cpu", ema=True):
@@ -359,15 +366,21 @@ def load_generator(ckpt_path, device="cpu", ema=True):
     return _from_checkpoint(ckpt_path, device, ema)[:2]
 
 
-@torch.no_grad()
-def generated_images(G, n, batch_size, device, seed=0):
-    """Yields uint8 batches (B, 3, S, S) of G's samples: z ~ N(0, I), labels uniform over classes."""
-    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same samples on every device
+def latents(cfg, n, batch_size, seed=0):
+    """Yields (z, y) batches on the CPU: z ~ N(0, I), labels uniform over the classes (None for an
+    unconditional model), from a generator seeded with seed, so every device sees the same."""
+    gen = torch.Generator().manual_seed(seed)
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        z = torch.randn(b, G.cfg.z_dim, generator=gen).to(device)
-        y = torch.randint(G.cfg.n_classes, (b,), generator=gen).to(device) if G.cfg.n_classes else None
-        yield quantize(G(z, y))
+        z = torch.randn(b, cfg.z_dim, generator=gen)
+        yield z, torch.randint(cfg.n_classes, (b,), generator=gen) if cfg.n_classes else None
+
+
+@torch.no_grad()
+def generated_images(G, n, batch_size, device, seed=0):
+    """Yields uint8 batches (B, 3, S, S) of G's samples, from latents(G.cfg, n, batch_size, seed)."""
+    for z, y in latents(G.cfg, n, batch_size, seed):
+        yield quantize(G(z.to(device), None if y is None else y.to(device)))
 
 
 def metrics(pool, logits, ref_stats=None, splits=10):
@@ -536,12 +549,194 @@ def mirror_error(G, n, batch_size=50, device="cpu", seed=0):
     """Mean |x - flip(x)| over the mirror line (plane, for volumes) x = 0 of n samples of G,
     quantised like stored images, pixels in [0, 1]: 0 for a perfect mirror, as every synthetic
     training image is. Each mirrored pair is counted twice, which leaves the mean unchanged."""
-    total, count = 0.0, 0
-    for images in generated_images(G, n, batch_size, device, seed):  # uint8 (B, 3, S, S[, S])
-        x = images.double() / 255
-        total += (x - x.flip(-1)).abs().sum().item()
-        count += x.numel()
-    return total / count
+    gaps = [(mirror_gap(images), len(images)) for images in generated_images(G, n, batch_size, device, seed)]
+    return sum(gap * b for gap, b in gaps) / n
+
+
+# --- Exact measurements on the built-in synthetic images ---------------------------------------
+# The synthetic data is drawn by a known program (data.Synthetic), so the paper's claims can be
+# measured where no natural-image metric reaches: is each sample its own mirror image (long-range
+# coherence, what attention is for), does it show the asked-for colour and shape, does G cover the
+# data, and does G's attention reach the mirror object (Figure 5 as a number).
+
+PROBE_TRAIN, PROBE_TEST, PROBE_STEPS = 4000, 1000, 200  # probe data: indices from 10^6 on, unseen in training
+OBJECT_LEVEL = 0.375  # brightest channel of an object pixel: background <= 0.25, objects >= 0.48
+
+
+def synthetic_images(size, start, n):
+    """Synthetic images start .. start + n - 1: uint8 (n, 3, S, S) and labels (n,)."""
+    ds = data.Synthetic(size, length=start + n)
+    pixels, labels = zip(*(ds.pixels(i) for i in range(start, start + n)))
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+
+
+class Probe(nn.Module):
+    """A small classifier of the synthetic classes from one cue, to ask which class a sample shows.
+
+    "colour" sees every pixel's colour but no shape: 1x1 convolutions, then the maximum over the
+    image. "shape" sees no colour: 3x3 convolutions on the grey image, stretched to [0, 1] per
+    image, so that neither hue nor brightness is left. Its features (the maximum over the image of
+    the last layer, 32 each) are the space of the distribution distances."""
+
+    def __init__(self, cue):
+        super().__init__()
+        self.cue = cue
+        k, c_in = (3, 1) if cue == "shape" else (1, 3)
+        layers = []
+        for i, (a, b) in enumerate([(c_in, 8), (8, 16), (16, 32)]):
+            layers += [nn.Conv2d(a, b, k, padding=k // 2), nn.ReLU()] + ([nn.MaxPool2d(2)] if k == 3 and i < 2 else [])
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(32, 10)
+
+    def features(self, images):  # uint8 (B, 3, S, S) -> (B, 32)
+        x = images.float() / 255
+        if self.cue == "shape":
+            x = x.mean(dim=1, keepdim=True)  # (B, 1, S, S)
+            low, high = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+            x = (x - low) / (high - low).clamp(min=1e-3)
+        else:
+            x = F.avg_pool2d(x, 2)  # colours stay, at a quarter of the work
+        return self.body(x).amax(dim=(2, 3))
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+_probes = {}
+
+
+def probes(size, seed=0):
+    """The colour and the shape probe for size x size images, trained on first use (seconds on a
+    CPU, seeded, without touching the global random state) and kept for the process. Returns
+    ({cue: probe}, {cue: accuracy on PROBE_TEST held-out real images})."""
+    if (size, seed) not in _probes:
+        x, y = synthetic_images(size, 10 ** 6, PROBE_TRAIN + PROBE_TEST)
+        nets, accuracy = {}, {}
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():  # callers may be in no_grad
+            torch.manual_seed(seed)
+            for cue in ("colour", "shape"):
+                net = Probe(cue)
+                opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+                for step in range(PROBE_STEPS):
+                    i = torch.randint(PROBE_TRAIN, (64,))
+                    loss = F.cross_entropy(net(x[i]), y[i])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                nets[cue] = net.eval().requires_grad_(False)
+                with torch.no_grad():
+                    accuracy[cue] = (net(x[PROBE_TRAIN:]).argmax(1) == y[PROBE_TRAIN:]).float().mean().item()
+        _probes[size, seed] = nets, accuracy
+    return _probes[size, seed]
+
+
+def mirror_gap(images):
+    """Mean |x - flip(x)| over the vertical centre line (plane) of uint8 images (volumes), in [0, 1]."""
+    x = images.double() / 255
+    return (x - x.flip(-1)).abs().mean().item()
+
+
+@torch.no_grad()
+def precision_recall(real, fake, k=3, chunk=1000):
+    """Kynkaanniemi et al. 2019: precision is the share of fake features inside the k-NN ball of
+    some real one (k-th nearest other real feature), recall the share of real features inside
+    some fake one's. Low recall with high precision is mode dropping."""
+    def radii(f):  # distance to the k-th nearest other point (the 0 to itself comes first)
+        return torch.cat([torch.cdist(f[i:i + chunk], f).kthvalue(k + 1, dim=1).values for i in range(0, len(f), chunk)])
+
+    def inside(points, centres, r):
+        return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= r).any(dim=1)
+                          for i in range(0, len(points), chunk)]).double().mean().item()
+
+    real, fake = real.double(), fake.double()
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
+def object_masks(images):
+    """The two objects of synthetic-like images, uint8 (B, 3, S, S) -> left and right masks
+    (B, S, S): the pixels whose brightest channel is above OBJECT_LEVEL, halfway between the
+    brightest background (0.25) and the dimmest object colour (brown at its lowest shade, 0.48),
+    split at the vertical centre line, which no real object crosses."""
+    bright = images.amax(dim=1).float() / 255 > OBJECT_LEVEL  # (B, S, S)
+    left = bright.clone()
+    left[..., images.shape[-1] // 2:] = False
+    return left, bright & ~left
+
+
+def attention_reach(beta, left, right, cover=0.5):
+    """Figure 5 as a number, per sample: for the query positions on one object, the share of
+    their attention (beta (B, N, M), query and key grids square) that falls on the mirror object,
+    divided by that object's share of the image; averaged over the queries, then over the two
+    objects. 1 is attention spread uniformly, more is attention drawn to the mirror object.
+
+    A query (key) cell's object share is the fraction of its pixels in the object mask; queries
+    count as on an object when that is at least `cover`. NaN where a sample has no such query or
+    an empty mirror object."""
+    side_q, side_k = math.isqrt(beta.shape[1]), math.isqrt(beta.shape[2])
+
+    def share(mask, side):  # (B, S, S) -> (B, side^2), row-major like SelfAttention's flattening
+        return F.adaptive_avg_pool2d(mask[:, None].float(), side).flatten(1)
+
+    reach = []
+    for here, there in ((left, right), (right, left)):
+        queries = share(here, side_q) >= cover  # (B, N)
+        keys = share(there, side_k).to(beta.dtype)  # (B, M)
+        on_mirror = (beta @ keys[..., None]).squeeze(-1) / keys.mean(dim=1, keepdim=True)  # (B, N)
+        reach.append((on_mirror * queries).sum(dim=1) / queries.sum(dim=1))  # NaN for 0 / 0
+    return torch.stack(reach).float().nanmean(dim=0)  # (B,)
+
+
+@torch.no_grad()
+def synthetic_metrics(G, n, batch_size=50, device="cpu", seed=0, probe_seed=0):
+    """The measurements of a generator of 2-D synthetic data over n samples (z and labels from
+    latents(..., seed)): those of sample_metrics, and
+        reach    mean attention_reach of G's last attention layer over the samples where it is
+                 defined (None without attention, or when no sample has two objects)
+    G's train/eval mode is restored; the global random state is not touched."""
+    was_training = G.training
+    G.eval()
+    fakes, labels, reach = [], [], []
+    try:
+        for z, y in latents(G.cfg, n, batch_size, seed):
+            images, betas = G(z.to(device), y.to(device), return_attention=True)
+            fakes.append(quantize(images).cpu())
+            labels.append(y)
+            if betas:
+                reach.append(attention_reach(betas[-1].float().cpu(), *object_masks(fakes[-1])))
+    finally:
+        G.train(was_training)
+    reach = torch.cat(reach) if reach else torch.tensor([])
+    reach = reach[~reach.isnan()]
+    return {**sample_metrics(torch.cat(fakes), torch.cat(labels), probe_seed),
+            "reach": reach.mean().item() if len(reach) else None}
+
+
+@torch.no_grad()
+def sample_metrics(fake, labels, probe_seed=0):
+    """Measurements of n images uint8 (n, 3, S, S) meant to show classes labels (n,), against
+    the first n training images of the synthetic data:
+        mirror_error       mean |x - flip(x)|, pixels in [0, 1] (real images: 0)
+        colour_fidelity    share of the images whose colour probe says the asked-for class
+        shape_fidelity     the same for the shape probe
+        fid_probe          Frechet distance in the two probes' features side by side (64-d)
+        precision, recall  Kynkaanniemi et al. (k = 3) in the same features
+    FID, precision and recall depend on n: compare them at equal n."""
+    nets, _ = probes(fake.shape[-1], probe_seed)
+    real = synthetic_images(fake.shape[-1], 0, len(fake))[0]
+
+    def features(images):
+        return torch.cat([torch.cat([nets[c].features(images[i:i + 500]) for c in nets], dim=1)
+                          for i in range(0, len(images), 500)])
+
+    f_real, f_fake = features(real), features(fake)
+    precision, recall = precision_recall(f_real, f_fake)
+    return {
+        "mirror_error": mirror_gap(fake),
+        "colour_fidelity": (nets["colour"](fake).argmax(1) == labels).double().mean().item(),
+        "shape_fidelity": (nets["shape"](fake).argmax(1) == labels).double().mean().item(),
+        "fid_probe": frechet_distance(*feature_stats(f_real), *feature_stats(f_fake)),
+        "precision": precision, "recall": recall,
+    }
 
 
 @torch.no_grad()
@@ -586,6 +781,7 @@ class EvalConfig:
     grid: str = _arg("", "write a sample grid, a row per class, to this PNG")
     classes: str = _arg("", 'classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)')
     mirror: bool = _arg(False, "print the mirror error of --n samples: mean |x - flip(x)|, pixels in [0, 1]")
+    synthetic_n: int = _arg(1000, "samples for the measurements of a generator trained on --data synthetic")
 
 
 def build_parser():
@@ -654,9 +850,9 @@ def device_of(name):
 
 def evaluate(cfg):
     """Does what an EvalConfig asks; the module docstring lists the modes."""
-    for name in ("n", "batch_size", "k", "splits", "size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name, low in (("n", 1), ("batch_size", 1), ("k", 1), ("splits", 1), ("size", 1), ("synthetic_n", 10)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
     if sum(map(bool, (cfg.ckpt, cfg.images, cfg.data))) != 1:
         raise UserError("give one source of images: --ckpt RUN/ckpt.pt, --images DIR|FILE.npy or --data SOURCE")
     if (cfg.attention or cfg.grid or cfg.mirror) and not cfg.ckpt:
@@ -671,7 +867,7 @@ def evaluate(cfg):
     ref = load_stats(cfg.ref_stats) if cfg.ref_stats else None  # fail before the long part
     result = {"n": cfg.n, "source": cfg.ckpt or cfg.images or cfg.data, "ref_stats": cfg.ref_stats or None}
     if cfg.ckpt:
-        G, mcfg, weights, step = _from_checkpoint(cfg.ckpt, device, cfg.ema)
+        G, mcfg, weights, step, source = _from_checkpoint(cfg.ckpt, device, cfg.ema)
         if cfg.attention or cfg.grid:
             return _write_pictures(cfg, G, mcfg, device)
         if cfg.mirror:
@@ -682,6 +878,13 @@ def evaluate(cfg):
             raise UserError("IS and FID are defined for images; this generator makes volumes (use --grid, "
                             "--attention or --mirror)")
         result.update(step=step, weights=weights, seed=cfg.seed)
+        if source == "synthetic":
+            result.update(synthetic_n=cfg.synthetic_n, **synthetic_metrics(G, cfg.synthetic_n, cfg.batch_size, device, cfg.seed))
+            print_synthetic(result, mcfg.size)
+            if not (cfg.ref_stats or cfg.inception_weights):
+                print("IS and FID left out: they need the Inception weights (a download) and say little about "
+                      "coloured shapes; give --inception-weights or --ref-stats to add them")
+                return _write_result(cfg, result)
         batches = generated_images(G, cfg.n, cfg.batch_size, device, cfg.seed)
     else:
         result["n"], batches = real_images(cfg.images or cfg.data, cfg.n, cfg.batch_size, cfg.seed,
@@ -700,8 +903,24 @@ def evaluate(cfg):
         raise UserError(f"the metrics are not finite ({result}): the images hold NaN or infinite values")
     fid = f"   FID {result['FID']:.3f}" if "FID" in result else ""
     print(f"IS {result['IS']:.3f} +- {result['IS_std']:.3f}{fid}   ({result['n']} images)")
+    _write_result(cfg, result)
+
+
+def _write_result(cfg, result):
     if cfg.out:
         atomic_write(cfg.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+
+
+def print_synthetic(r, size):
+    _, accuracy = probes(size)
+    reach = "no attention layer" if r["reach"] is None else f"{r['reach']:.2f} (1 = uniform)"
+    print(f"synthetic-data measurements of {r['synthetic_n']} samples ({r['weights']}, step {r['step']}):\n"
+          f"  mirror error     {r['mirror_error']:.4f}   mean |x - flip(x)|, pixels in [0, 1]; real images 0\n"
+          f"  class fidelity   colour {r['colour_fidelity']:.3f}, shape {r['shape_fidelity']:.3f}   "
+          f"(the probes on held-out real images: {accuracy['colour']:.3f}, {accuracy['shape']:.3f})\n"
+          f"  FID (probes)     {r['fid_probe']:.2f}   against {r['synthetic_n']} training images, 64-d probe features\n"
+          f"  precision        {r['precision']:.3f}, recall {r['recall']:.3f}   (k = 3, same features)\n"
+          f"  attention reach  {reach}: attention on the mirror object over its share of the image")
 
 
 def main(argv=None):

@@ -16,6 +16,7 @@ Paper-to-code map
     Sec. 4, two-timescale update rule        train.py (lr 1e-4 for G, 4e-4 for D)
     Sec. 5, conditional BN / projection D    ConditionalBatchNorm, Discriminator.embed
     Sec. 5.2, Table 1, attention at featK    ModelConfig.attn (feature-map resolutions; () = none)
+    Sec. 5.2, Table 1, "residual" rows       ResidualControl, ModelConfig.attn_block = "residual"
     Sec. 3, Eq. (4): hinge losses            d_hinge_loss, g_hinge_loss
 
 Differences from the paper, numbered as in the README's list (which has the rest):
@@ -156,6 +157,29 @@ class SelfAttention(nn.Module):
         return (y, beta) if return_beta else y
 
 
+class ResidualControl(nn.Module):
+    """Table 1's control: a residual block where the attention would be, with its parameters.
+
+    y = x + gamma * v(relu(k(x))), k a 3x3 conv to C/8 channels and v a 1x1 conv back to C: it
+    mixes only the 3x3 neighbourhood where attention mixes all positions. Its 9 C^2/8 + C^2/8 =
+    1.25 C^2 weights equal SelfAttention's f, g, h, v (C^2/8 + C^2/8 + C^2/2 + C^2/2); like it, it is
+    spectrally normalised and starts as the identity (gamma = 0), so the two differ only in reach.
+    """
+
+    def __init__(self, channels, dims=2, pooled=True, use_sn=True):
+        super().__init__()
+        conv = LAYERS[dims].conv
+        self.k = sn(conv(channels, channels // 8, 3, padding=1, bias=False), use_sn)
+        self.v = sn(conv(channels // 8, channels, 1, bias=False), use_sn)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x + self.gamma * self.v(F.relu(self.k(x)))
+
+
+MIDDLE_BLOCKS = {"attention": SelfAttention, "residual": ResidualControl}  # ModelConfig.attn_block
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration: the widths of the reference layouts, and the one ModelConfig
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +229,9 @@ class ModelConfig:
     # Feature-map resolutions with attention in G and D (Table 1's "featK"); () = none;
     # None = DEFAULT_ATTN[size].
     attn: Optional[tuple] = None
+    # What goes at those resolutions: "attention", or "residual", Table 1's control of equal
+    # parameter count (ResidualControl).
+    attn_block: str = "attention"
     pooled: bool = True  # keys/values max-pooled 2x2, as in the released code (difference 2)
     g_sn: bool = True  # spectral norm in G too (Sec. 4); False = the "SN on D only" baseline
 
@@ -222,6 +249,8 @@ class ModelConfig:
                 allowed = sorted(set(g_res) & set(d_res))
                 raise ValueError(f"attention resolution {r} is not a feature-map size of both "
                                  f"G and D at size {self.size}; choose from {allowed}")
+        if self.attn_block not in MIDDLE_BLOCKS:
+            raise ValueError(f"attn_block {self.attn_block!r}: choose {' or '.join(MIDDLE_BLOCKS)}")
         if self.ch < 8 or self.z_dim < 1 or self.n_classes < 0:
             raise ValueError(f"need ch >= 8, z_dim >= 1 and n_classes >= 0; got ch {self.ch}, "
                              f"z_dim {self.z_dim}, n_classes {self.n_classes}")
@@ -312,8 +341,8 @@ class Generator(nn.Module):
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             res *= 2
             self.blocks.append(GBlock(c_in, c_out, cfg.n_classes, cfg.g_sn, layers))
-            if res in cfg.attn:  # Table 1: attention after the block that outputs res x res
-                self.blocks.append(SelfAttention(c_out, cfg.dims, cfg.pooled, cfg.g_sn))
+            if res in cfg.attn:  # Table 1: attention (or its control) after the block that outputs res x res
+                self.blocks.append(MIDDLE_BLOCKS[cfg.attn_block](c_out, cfg.dims, cfg.pooled, cfg.g_sn))
         self.bn = layers.batch_norm(widths[-1])
         self.conv_out = sn(layers.conv(widths[-1], 3, 3, padding=1), cfg.g_sn)
 
@@ -328,10 +357,10 @@ class Generator(nn.Module):
             if isinstance(block, SelfAttention) and return_attention:
                 h, beta = block(h, return_beta=True)  # beta (B, N, M)
                 betas.append(beta)
-            elif isinstance(block, SelfAttention):
-                h = block(h)
-            else:
+            elif isinstance(block, GBlock):
                 h = block(h, y)
+            else:  # SelfAttention or ResidualControl
+                h = block(h)
         x = torch.tanh(self.conv_out(F.relu(self.bn(h))))  # (B, 3, size, size[, size])
         return (x, betas) if return_attention else x
 
@@ -383,7 +412,7 @@ class Discriminator(nn.Module):
             res = res // 2 if down else res
             self.blocks.append(DBlock(c_in, c_out, down, i == 0, cfg.layers))
             if res in cfg.attn and res not in placed:  # after the first block that outputs res
-                self.blocks.append(SelfAttention(c_out, cfg.dims, cfg.pooled))
+                self.blocks.append(MIDDLE_BLOCKS[cfg.attn_block](c_out, cfg.dims, cfg.pooled))
                 placed.add(res)
         self.linear = sn(nn.Linear(widths[-1], 1))
         # Projection (Miyato & Koyama 2018): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.

@@ -65,7 +65,7 @@ class TrainConfig:
     data_root: str = opt("", "dataset directory (not for synthetic)")
     flip: bool = opt(False, "random horizontal flips (the reference runs: none)")
     workers: int = opt(0, "data-loading processes")
-    # the model: --size, --dims, --ch, --z-dim, --attn, --pooled, --g-sn (MODEL_HELP)
+    # the model: --size, --dims, --ch, --z-dim, --attn, --attn-block, --pooled, --g-sn (MODEL_HELP)
     model: ModelConfig = field(default_factory=ModelConfig)
     # optimisation (Sec. 4: TTUR)
     batch_size: int = opt(64, "global batch: per-process batch x processes x --accum")
@@ -91,7 +91,7 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 500
     ckpt_every: int = 1000
-    eval_every: int = opt(0, "IS/FID every N steps (0: never); needs --ref-stats for FID")
+    eval_every: int = opt(0, "IS/FID every N steps (0: never; FID needs --ref-stats); on synthetic data the exact measurements")
     eval_n: int = 10000
     ref_stats: str = ""
     inception_weights: str = ""
@@ -104,6 +104,7 @@ MODEL_HELP = {  # the flags of sagan.ModelConfig's fields; n_classes comes from 
     "ch": "width multiplier (64 in the paper)",
     "z_dim": "size of z",
     "attn": "attention resolutions, e.g. 64 or 32,64 or none; default: 64 at 128 px (Table 1)",
+    "attn_block": "what goes at --attn: attention, or residual (Table 1's control, equal parameters)",
     "pooled": "max-pool keys and values 2x2 (released code)",
     "g_sn": "spectral norm in G too (Sec. 4); --no-g-sn: SN on D only",
 }
@@ -672,9 +673,13 @@ class StopSignals:
 
 
 def make_evaluator(cfg, device):
-    """IS (and FID with --ref-stats) through evaluate.py, for --eval-every: a function of G, or
-    None, with one warning, when the Inception weights cannot be had. A bad statistics file is
-    an error before training starts, not after hours."""
+    """The measurements of --eval-every, through evaluate.py: a function of G. On the built-in
+    synthetic images, the exact ones (evaluate.synthetic_metrics: mirror, class fidelity, FID and
+    precision/recall in the probes' features, attention reach), offline. Otherwise IS (and FID
+    with --ref-stats), or None, with one warning, when the Inception weights cannot be had. A bad
+    statistics file is an error before training starts, not after hours."""
+    if cfg.data == "synthetic":
+        return lambda G: evaluate.synthetic_metrics(G, cfg.eval_n, device=device)
     ref = evaluate.load_stats(cfg.ref_stats) if cfg.ref_stats else None
     try:
         inception = evaluate.load_inception(cfg.inception_weights or None, device)
@@ -773,7 +778,7 @@ def loop(cfg, mcfg, ckpt, start, dataset, run, evaluator, device, rank, world):
             if evaluator is not None and done % cfg.eval_every == 0:
                 metrics = evaluator(G_show)
                 run.log({"step": done, **metrics})
-                print(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+                print(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None), flush=True)
             if main and (due(done, cfg.ckpt_every, cfg) or stopping):
                 if not run.save(gan, done) and (done == cfg.steps or stopping):
                     raise UserError(f"the final checkpoint could not be written to {run.ckpt}")

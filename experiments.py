@@ -1,0 +1,184 @@
+"""The paper's claims measured on the built-in synthetic data: one command per table.
+
+    python experiments.py table1    # Table 1: where attention goes, against the residual control
+    python experiments.py figure3   # Figure 3: spectral norm in G and TTUR, over training
+    python experiments.py figure5   # Figure 5: attention reach and gamma, over training
+
+Each command trains its arms, SEEDS seeds each, with train.py (the default run's model and
+steps unless --steps is given), with evaluate.synthetic_metrics logged every --eval-every
+steps over --eval-n samples. The table of means and standard deviations over the seeds is printed
+and written to OUT/NAME.md. Runs live in OUT/ARM/seedK and are shared between tables; a finished
+run is reused and an interrupted one resumed, so a command can be run again at any time.
+--jobs runs that many trainings at once, splitting the CPU threads between them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from data import ArgumentParser, UserError, atomic_write
+from evaluate import load_checkpoint
+
+# Each arm: the train.py flags that make it, on top of the default synthetic run (TTUR, attention
+# at 16, spectral norm in G and D, 1:1). "attn16" is that default run itself, in every table.
+ARMS = {
+    "none": ["--attn", "none"],
+    "attn8": ["--attn", "8"],
+    "attn16": [],
+    "attn8+16": ["--attn", "8,16"],
+    "res16": ["--attn", "16", "--attn-block", "residual"],
+    "snD-equal-lr": ["--no-g-sn", "--equal-lr"],
+    "snD-equal-lr-5D": ["--no-g-sn", "--equal-lr", "--d-steps", "5"],
+    "snGD-equal-lr": ["--equal-lr"],
+}
+TABLES = {  # name: (arms, what the table shows)
+    "table1": (["none", "attn8", "attn16", "attn8+16", "res16"], "final"),
+    "figure3": (["snD-equal-lr", "snD-equal-lr-5D", "snGD-equal-lr", "attn16"], "over_steps"),
+    "figure5": (["attn16"], "reach"),
+}
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+FINAL = [("mirror_error", "mirror error", "{:.4f}"), ("colour_fidelity", "colour", "{:.3f}"),
+         ("shape_fidelity", "shape", "{:.3f}"), ("fid_probe", "FID (probes)", "{:.1f}"),
+         ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("reach", "reach", "{:.2f}")]
+OVER_STEPS = [("fid_probe", "FID (probes)", "{:.1f}"), ("shape_fidelity", "shape fidelity", "{:.3f}"),
+              ("mirror_error", "mirror error", "{:.4f}")]
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("table", choices=list(TABLES), help="which of the paper's results to measure")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per arm (3)")
+    p.add_argument("--steps", type=int, default=0, help="training steps per run (default: the default run's 1,200)")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between measurements (200)")
+    p.add_argument("--eval-n", type=int, default=500, help="samples per measurement (500)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once, the CPU threads split between them")
+    p.add_argument("--out", default="experiments", help="folder of the runs and the tables")
+    return p
+
+
+def run_folder(cfg, arm, seed):
+    return os.path.join(cfg.out, arm, f"seed{seed}")
+
+
+def train_command(cfg, arm, seed):
+    folder = run_folder(cfg, arm, seed)
+    cmd = [sys.executable, TRAIN, "--out", folder, "--seed", str(seed), "--eval-every", str(cfg.eval_every),
+           "--eval-n", str(cfg.eval_n), *ARMS[arm]] + (["--steps", str(cfg.steps)] if cfg.steps else [])
+    ckpt = os.path.join(folder, "ckpt.pt")
+    if os.path.exists(ckpt):
+        return cmd + ["--resume"]
+    return cmd + (["--overwrite"] if os.path.isdir(folder) else [])  # a run that died before its first checkpoint
+
+
+def finished(cfg, arm, seed):
+    """The run's wall time in seconds if it has finished, else None."""
+    path = os.path.join(run_folder(cfg, arm, seed), "experiment.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    return done["wall_s"] if done.get("steps") == (cfg.steps or None) and done.get("eval_every") == cfg.eval_every \
+        and done.get("eval_n") == cfg.eval_n else None
+
+
+def train(cfg, arm, seed, threads):
+    """Trains (or resumes) one run; returns its wall time in seconds, summed over its attempts."""
+    if finished(cfg, arm, seed) is not None:
+        return finished(cfg, arm, seed)
+    folder = run_folder(cfg, arm, seed)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    log_path = folder + ".txt"
+    t = time.perf_counter()
+    with open(log_path, "a") as log:
+        code = subprocess.call(train_command(cfg, arm, seed), stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if code != 0:
+        raise UserError(f"the run {folder} failed (exit {code}); its output is in {log_path}")
+    step = load_checkpoint(os.path.join(folder, "ckpt.pt"), parts=("step",))["step"]
+    record = dict(wall_s=round(time.perf_counter() - t, 1), steps=cfg.steps or None, step=step,
+                  eval_every=cfg.eval_every, eval_n=cfg.eval_n, threads=threads)
+    atomic_write(os.path.join(folder, "experiment.json"), lambda f: f.write(json.dumps(record).encode()))
+    print(f"  {arm} seed {seed}: {step} steps in {record['wall_s'] / 60:.1f} min", flush=True)
+    return record["wall_s"]
+
+
+def measurements(cfg, arm, seed):
+    """{step: record} of the run's log: the synthetic measurements, and gamma from the
+    training records at the same steps."""
+    out = {}
+    with open(os.path.join(run_folder(cfg, arm, seed), "log.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            out.setdefault(r["step"], {}).update(r)
+    return {step: r for step, r in out.items() if "fid_probe" in r}
+
+
+def mean_std(values, fmt):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return fmt.format(np.mean(values)) + (" +- " + fmt.format(np.std(values)) if len(values) > 1 else "")
+
+
+def table(cfg, name, walls):
+    arms, kind = TABLES[name]
+    logs = {arm: [measurements(cfg, arm, s) for s in range(cfg.seeds)] for arm in arms}
+    last = max(logs[arms[0]][0])
+    steps = sorted(logs[arms[0]][0])
+    seeds = f"{cfg.seeds} seeds, {cfg.eval_n} samples per measurement"
+    if kind == "final":
+        lines = [f"| arm | flags | {' | '.join(label for _, label, _ in FINAL)} | minutes |",
+                 "|---" * (len(FINAL) + 3) + "|"]
+        for arm in arms:
+            cells = [mean_std([log[last][key] for log in logs[arm]], fmt) for key, _, fmt in FINAL]
+            lines.append(f"| {arm} | `{' '.join(ARMS[arm]) or '(default)'}` | {' | '.join(cells)} | "
+                         f"{mean_std([walls[arm, s] / 60 for s in range(cfg.seeds)], '{:.1f}')} |")
+        header = f"At step {last}, mean +- std over {seeds}."
+    elif kind == "over_steps":
+        lines = []
+        for key, label, fmt in OVER_STEPS:
+            lines += [f"| {label} | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+            lines += [f"| {arm} | " + " | ".join(mean_std([log[s][key] for log in logs[arm]], fmt) for s in steps) + " |"
+                      for arm in arms] + [""]
+        header = f"Mean +- std over {seeds}."
+    else:
+        arm = arms[0]
+        lines = ["| step | reach | gamma (G's attention) |", "|---|---|---|"]
+        lines += [f"| {s} | {mean_std([log[s]['reach'] for log in logs[arm]], '{:.2f}')} | "
+                  f"{mean_std([log[s].get('gamma_g', [None])[-1] for log in logs[arm]], '{:.4f}')} |" for s in steps]
+        header = f"The default run ({arm}), mean +- std over {seeds}."
+    return f"{name}: {header}\n\n" + "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None):
+    try:
+        cfg = build_parser().parse_args(argv)
+        for name in ("seeds", "eval_every", "eval_n", "jobs"):
+            if getattr(cfg, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+        arms = TABLES[cfg.table][0]
+        runs = [(arm, seed) for seed in range(cfg.seeds) for arm in arms]
+        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+        print(f"{cfg.table}: {len(runs)} runs ({len(arms)} arms x {cfg.seeds} seeds) in {cfg.out}, "
+              f"{cfg.jobs} at a time; each run's output goes to {cfg.out}/ARM/seedK.txt", flush=True)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(cfg.jobs) as pool:
+            walls = dict(zip(runs, pool.map(lambda run: train(cfg, *run, threads), runs)))
+        text = table(cfg, cfg.table, walls)
+        text += f"\nCPU time of the runs: {sum(walls.values()) * threads / 3600:.2f} core-hours " \
+                f"({threads} threads each); this command: {(time.perf_counter() - t) / 60:.1f} min.\n"
+        atomic_write(os.path.join(cfg.out, cfg.table + ".md"), lambda f: f.write(text.encode()))
+        print(text)
+    except (UserError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
