@@ -99,7 +99,10 @@ def train(cfg, arm, seed, threads):
                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if code != 0:
         raise UserError(f"the run {folder} failed (exit {code}); its output is in {log_path}")
-    step = load_checkpoint(os.path.join(folder, "ckpt.pt"), parts=("step",))["step"]
+    ckpt = load_checkpoint(os.path.join(folder, "ckpt.pt"), parts=("step", "train"))
+    step = ckpt["step"]
+    if step < ckpt["train"]["steps"]:  # stopped by a signal: it saved, and the next call resumes it
+        raise UserError(f"the run {folder} stopped at step {step}; run the same command again to continue")
     record = dict(wall_s=round(time.perf_counter() - t, 1), steps=cfg.steps or None, step=step,
                   eval_every=cfg.eval_every, eval_n=cfg.eval_n, threads=threads)
     atomic_write(os.path.join(folder, "experiment.json"), lambda f: f.write(json.dumps(record).encode()))

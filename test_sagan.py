@@ -1710,6 +1710,11 @@ def test_experiment_command_trains_measures_and_reuses_its_runs(tmp_path, capsys
     before = (out / "attn16" / "seed0.txt").read_text()
     assert experiments.main(args) == 0  # finished runs are reused, not trained again
     assert (out / "attn16" / "seed0.txt").read_text() == before
+    # More steps: the run is resumed from its checkpoint, not started again.
+    assert experiments.main([*args[:4], "6", *args[5:]]) == 0
+    log = [json.loads(line) for line in open(out / "attn16" / "seed0" / "log.jsonl")]
+    assert [r["step"] for r in log if "fid_probe" in r] == [2, 4, 6], log
+    assert '"resume": "' + str(out / "attn16" / "seed0" / "ckpt.pt") in (out / "attn16" / "seed0.txt").read_text()[len(before):]
     assert experiments.main(["table2"]) == 2 and "invalid choice: 'table2'" in capsys.readouterr().err
 
 
