@@ -87,7 +87,8 @@ def finished(cfg, arm, seed):
 
 
 def train(cfg, arm, seed, threads):
-    """Trains (or resumes) one run; returns its wall time in seconds, summed over its attempts."""
+    """Trains (or resumes) one run; returns the wall time in seconds of the call that finished it
+    (a resumed run: of its last part only)."""
     if finished(cfg, arm, seed) is not None:
         return finished(cfg, arm, seed)
     folder = run_folder(cfg, arm, seed)
