@@ -6,10 +6,10 @@
 
 Each command trains its arms, SEEDS seeds each, with train.py (the default run's model and
 steps unless --steps is given), with evaluate.synthetic_metrics logged every --eval-every
-steps over --eval-n samples. The table of means and standard deviations over the seeds is printed
-and written to OUT/NAME.md. Runs live in OUT/ARM/seedK and are shared between tables; a finished
-run is reused and an interrupted one resumed, so a command can be run again at any time.
---jobs runs that many trainings at once, splitting the CPU threads between them.
+steps over --eval-n samples. The table of means and sample standard deviations over the seeds
+is printed and written to OUT/NAME.md. Runs live in OUT/ARM/seedK and are shared between
+tables; a finished run is reused and an interrupted one resumed, so a command can be run again
+at any time. --jobs runs that many trainings at once, splitting the CPU threads between them.
 """
 
 import json
@@ -99,7 +99,9 @@ def train(cfg, arm, seed, threads):
         code = subprocess.call(train_command(cfg, arm, seed), stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if code != 0:
-        raise UserError(f"the run {folder} failed (exit {code}); its output is in {log_path}")
+        with open(log_path) as f:
+            last = ([line.strip() for line in f if line.strip()] or ["no output"])[-1]
+        raise UserError(f"the run {folder} failed (exit {code}): {last}; its output is in {log_path}")
     ckpt = load_checkpoint(os.path.join(folder, "ckpt.pt"), parts=("step", "train"))
     step = ckpt["step"]
     if step < ckpt["train"]["steps"]:  # stopped by a signal: it saved, and the next call resumes it
@@ -126,7 +128,7 @@ def mean_std(values, fmt):
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return fmt.format(np.mean(values)) + (" +- " + fmt.format(np.std(values)) if len(values) > 1 else "")
+    return fmt.format(np.mean(values)) + (" +- " + fmt.format(np.std(values, ddof=1)) if len(values) > 1 else "")
 
 
 def table(cfg, name, walls):
@@ -174,8 +176,8 @@ def main(argv=None):
         with ThreadPoolExecutor(cfg.jobs) as pool:
             walls = dict(zip(runs, pool.map(lambda run: train(cfg, *run, threads), runs)))
         text = table(cfg, cfg.table, walls)
-        text += f"\nCPU time of the runs: {sum(walls.values()) * threads / 3600:.2f} core-hours " \
-                f"({threads} threads each); this command: {(time.perf_counter() - t) / 60:.1f} min.\n"
+        text += f"\nRun time of the runs times their threads ({threads} each): {sum(walls.values()) * threads / 3600:.2f} " \
+                f"core-hours; this command: {(time.perf_counter() - t) / 60:.1f} min.\n"
         atomic_write(os.path.join(cfg.out, cfg.table + ".md"), lambda f: f.write(text.encode()))
         print(text)
     except (UserError, OSError) as e:

@@ -673,20 +673,29 @@ class StopSignals:
 
 
 def make_evaluator(cfg, device):
-    """The measurements of --eval-every, through evaluate.py: a function of G. On the built-in
-    synthetic images, the exact ones (evaluate.synthetic_metrics: mirror, class fidelity, FID and
-    precision/recall in the probes' features, attention reach), offline. Otherwise IS (and FID
-    with --ref-stats), or None, with one warning, when the Inception weights cannot be had. A bad
-    statistics file is an error before training starts, not after hours."""
-    if cfg.data == "synthetic":
-        return lambda G: evaluate.synthetic_metrics(G, cfg.eval_n, device=device)
+    """The measurements of --eval-every, through evaluate.py: a function of G returning a dict.
+    On the built-in synthetic images, the exact ones (evaluate.synthetic_metrics), offline; IS (and
+    FID with --ref-stats) on other data, and on synthetic data too when --ref-stats or
+    --inception-weights asks for them. Without the Inception weights, one warning, and None when
+    nothing is left to measure. A bad statistics file is an error before training starts, not
+    after hours."""
     ref = evaluate.load_stats(cfg.ref_stats) if cfg.ref_stats else None
-    try:
-        inception = evaluate.load_inception(cfg.inception_weights or None, device)
-    except UserError as e:
-        print(f"warning: no IS/FID during training: {e}", file=sys.stderr)
-        return None
-    return lambda G: evaluate.compute_metrics(G, inception, cfg.eval_n, ref, device=device, progress=False)
+    synthetic = cfg.data == "synthetic"
+    inception = None
+    if not synthetic or cfg.ref_stats or cfg.inception_weights:
+        try:
+            inception = evaluate.load_inception(cfg.inception_weights or None, device)
+        except UserError as e:
+            print(f"warning: no IS/FID during training: {e}", file=sys.stderr)
+            if not synthetic:
+                return None
+
+    def evaluator(G):
+        out = evaluate.synthetic_metrics(G, cfg.eval_n, device=device) if synthetic else {}
+        if inception is not None:
+            out.update(evaluate.compute_metrics(G, inception, cfg.eval_n, ref, device=device, progress=False))
+        return out
+    return evaluator
 
 
 # ---------------------------------------------------------------------------------------------
