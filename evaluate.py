@@ -575,8 +575,8 @@ class Probe(nn.Module):
 
     "colour" sees every pixel's colour but no shape: 1x1 convolutions, then the maximum over the
     image. "shape" sees no colour: 3x3 convolutions on the grey image, stretched to [0, 1] per
-    image, so that neither hue nor brightness is left. Its features (the maximum over the image of
-    the last layer, 32 each) are the space of the distribution distances."""
+    image, so that neither hue nor brightness is left. Their features (the maximum over the image
+    of the last layer, 32 each) are the space of the distribution distances."""
 
     def __init__(self, cue):
         super().__init__()
@@ -884,6 +884,7 @@ def evaluate(cfg):
             if not (cfg.ref_stats or cfg.inception_weights):
                 print("IS and FID left out: they need the Inception weights (a download) and say little about "
                       "coloured shapes; give --inception-weights or --ref-stats to add them")
+                del result["n"]  # --n counts the IS/FID samples, and none were taken
                 return _write_result(cfg, result)
         batches = generated_images(G, cfg.n, cfg.batch_size, device, cfg.seed)
     else:

@@ -89,8 +89,9 @@ def finished(cfg, arm, seed):
 def train(cfg, arm, seed, threads):
     """Trains (or resumes) one run; returns the wall time in seconds of the call that finished it
     (a resumed run: of its last part only)."""
-    if finished(cfg, arm, seed) is not None:
-        return finished(cfg, arm, seed)
+    wall = finished(cfg, arm, seed)
+    if wall is not None:
+        return wall
     folder = run_folder(cfg, arm, seed)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     log_path = folder + ".txt"

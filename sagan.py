@@ -166,7 +166,7 @@ class ResidualControl(nn.Module):
     spectrally normalised and starts as the identity (gamma = 0), so the two differ only in reach.
     """
 
-    def __init__(self, channels, dims=2, pooled=True, use_sn=True):
+    def __init__(self, channels, dims=2, pooled=True, use_sn=True):  # SelfAttention's arguments; pooled unused
         super().__init__()
         conv = LAYERS[dims].conv
         self.k = sn(conv(channels, channels // 8, 3, padding=1, bias=False), use_sn)
