@@ -995,7 +995,7 @@ def test_run_folder_contents(tmp_path):
         assert key in record, key
     assert len(record["gamma_g"]) == len(record["gamma_d"]) == 1
     config = json.load(open(tmp_path / "config.json"))
-    assert config["train"]["lr_g"] == 1e-4 and config["train"]["lr_d"] == 4e-4  # TTUR
+    assert config["train"]["lr_g"] == 8e-4 and config["train"]["lr_d"] == 3.2e-3  # TTUR, the default run's rates
     assert config["train"]["beta1"] == 0.0 and config["train"]["beta2"] == 0.9
 
 
@@ -1707,6 +1707,8 @@ def test_experiment_command_trains_measures_and_reuses_its_runs(tmp_path, capsys
     measured = [r for r in log if "fid_probe" in r]
     assert [r["step"] for r in measured] == [2, 4] and all(r["reach"] > 0 for r in measured), log
     assert "| 4 | " in text and (out / "figure5.md").read_text() in text
+    config = json.load(open(out / "attn16" / "seed0" / "config.json"))["train"]
+    assert (config["lr_g"], config["lr_d"]) == (1e-4, 4e-4)  # the paper's rates, not the default run's
     before = (out / "attn16" / "seed0.txt").read_text()
     assert experiments.main(args) == 0  # finished runs are reused, not trained again
     assert (out / "attn16" / "seed0.txt").read_text() == before
