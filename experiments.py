@@ -5,7 +5,8 @@
     python experiments.py figure5   # Figure 5: attention reach and gamma, over training
 
 Each command trains its arms, SEEDS seeds each, with train.py (the default run's model and
-steps unless --steps is given, at the paper's learning rates, PAPER_LR), with
+steps unless --steps is given, at the paper's learning rates, PAPER_LR, or with --rates default
+at the default run's), with
 evaluate.synthetic_metrics logged every --eval-every steps over --eval-n samples. The table of
 means and sample standard deviations over the seeds is printed and written to OUT/NAME.md. Runs
 live in OUT/ARM/seedK and are shared between tables; a finished run is reused and an interrupted
@@ -29,6 +30,7 @@ from evaluate import load_checkpoint
 # itself, in every table. (The default run's own rates are 4x the paper's, same ratio: see
 # train.PRESETS_BY_SIZE; the ablations keep the paper's recipe.)
 PAPER_LR = ["--lr-g", "1e-4", "--lr-d", "4e-4"]
+RATES = {"paper": "the paper's", "default": "the default run's (8x the paper's)"}
 ARMS = {
     "none": ["--attn", "none"],
     "attn8": ["--attn", "8"],
@@ -60,7 +62,10 @@ def build_parser():
     p.add_argument("--eval-every", type=int, default=200, help="steps between measurements (200)")
     p.add_argument("--eval-n", type=int, default=500, help="samples per measurement (500)")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once, the CPU threads split between them")
-    p.add_argument("--out", default="experiments", help="folder of the runs and the tables")
+    p.add_argument("--rates", choices=("paper", "default"), default="paper",
+                   help="learning rates: the paper's (1e-4 for G, 4e-4 for D), or the default run's (8x)")
+    p.add_argument("--out", default=None, help="folder of the runs and the tables (experiments, or "
+                   "experiments-default-rates with --rates default)")
     return p
 
 
@@ -71,7 +76,7 @@ def run_folder(cfg, arm, seed):
 def train_command(cfg, arm, seed):
     folder = run_folder(cfg, arm, seed)
     cmd = [sys.executable, TRAIN, "--out", folder, "--seed", str(seed), "--eval-every", str(cfg.eval_every),
-           "--eval-n", str(cfg.eval_n), *PAPER_LR, *ARMS[arm]] + (["--steps", str(cfg.steps)] if cfg.steps else [])
+           "--eval-n", str(cfg.eval_n), *(PAPER_LR if cfg.rates == "paper" else []), *ARMS[arm]] + (["--steps", str(cfg.steps)] if cfg.steps else [])
     ckpt = os.path.join(folder, "ckpt.pt")
     if os.path.exists(ckpt):
         return cmd + ["--resume"]
@@ -79,12 +84,16 @@ def train_command(cfg, arm, seed):
 
 
 def finished(cfg, arm, seed):
-    """The run's wall time in seconds if it has finished, else None."""
+    """The run's wall time in seconds if it has finished, else None. A run trained at the other
+    learning rates is an error: its folder is not for this command."""
     path = os.path.join(run_folder(cfg, arm, seed), "experiment.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         done = json.load(f)
+    if done.get("rates", "paper") != cfg.rates:
+        raise UserError(f"{os.path.dirname(path)} was trained at {RATES[done.get('rates', 'paper')]} learning "
+                        f"rates, not at {RATES[cfg.rates]}; give another --out")
     return done["wall_s"] if done.get("steps") == (cfg.steps or None) and done.get("eval_every") == cfg.eval_every \
         and done.get("eval_n") == cfg.eval_n else None
 
@@ -111,7 +120,7 @@ def train(cfg, arm, seed, threads):
     if step < ckpt["train"]["steps"]:  # stopped by a signal: it saved, and the next call resumes it
         raise UserError(f"the run {folder} stopped at step {step}; run the same command again to continue")
     record = dict(wall_s=round(time.perf_counter() - t, 1), steps=cfg.steps or None, step=step,
-                  eval_every=cfg.eval_every, eval_n=cfg.eval_n, threads=threads)
+                  eval_every=cfg.eval_every, eval_n=cfg.eval_n, threads=threads, rates=cfg.rates)
     atomic_write(os.path.join(folder, "experiment.json"), lambda f: f.write(json.dumps(record).encode()))
     print(f"  {arm} seed {seed}: {step} steps in {record['wall_s'] / 60:.1f} min", flush=True)
     return record["wall_s"]
@@ -162,12 +171,13 @@ def table(cfg, name, walls):
         lines += [f"| {s} | {mean_std([log[s]['reach'] for log in logs[arm]], '{:.2f}')} | "
                   f"{mean_std([log[s].get('gamma_g', [None])[-1] for log in logs[arm]], '{:.4f}')} |" for s in steps]
         header = f"The default run ({arm}), mean +- std over {seeds}."
-    return f"{name}: {header}\n\n" + "\n".join(lines).rstrip() + "\n"
+    return f"{name}, at {RATES[cfg.rates]} learning rates: {header}\n\n" + "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv=None):
     try:
         cfg = build_parser().parse_args(argv)
+        cfg.out = cfg.out or ("experiments" if cfg.rates == "paper" else "experiments-default-rates")
         for name in ("seeds", "eval_every", "eval_n", "jobs"):
             if getattr(cfg, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

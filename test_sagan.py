@@ -1016,6 +1016,7 @@ def test_dims_3_selects_the_volumes_and_the_default_3d_run():
     assert given == {"dims"} and cfg.data == "synthetic3d"
     assert (cfg.model.dims, cfg.model.size, cfg.model.attn) == (3, 16, (8,))
     assert (cfg.model.ch, cfg.batch_size, cfg.steps) == (8, 32, 1200)  # the preset of the default 3-D run
+    assert (cfg.lr_g, cfg.lr_d) == (8e-4, 3.2e-3)
     assert train.parse_config(["--data", "synthetic3d"])[0] == cfg
     cfg, _ = train.parse_config(["--dims", "3", "--size", "32", "--ch", "16"])
     assert (cfg.model.size, cfg.model.ch, cfg.model.attn) == (32, 16, (16,))  # flags win
@@ -1695,6 +1696,21 @@ def test_evaluate_measures_a_synthetic_checkpoint_offline(tmp_path, capsys):
     assert result["fid_probe"] == ev.synthetic_metrics(G, 80)["fid_probe"]  # the API gives the same
     assert ev.main(["--ckpt", str(path), "--synthetic-n", "5"]) == 2
     assert "--synthetic-n must be at least 10" in capsys.readouterr().err
+
+
+def test_experiments_train_at_the_papers_rates_or_the_default_runs_in_their_own_folders(tmp_path, capsys):
+    paper = experiments.build_parser().parse_args(["table1", "--out", str(tmp_path)])
+    command = experiments.train_command(paper, "none", 0)
+    assert command[command.index("--lr-g") + 1] == "1e-4" and command[command.index("--lr-d") + 1] == "4e-4"
+    assert experiments.main(["table1", "--rates", "x8"]) == 2 and "invalid choice: 'x8'" in capsys.readouterr().err
+    default = experiments.build_parser().parse_args(["table1", "--rates", "default", "--out", str(tmp_path)])
+    assert "--lr-g" not in experiments.train_command(default, "none", 0)  # train.py's preset, 8x
+    os.makedirs(experiments.run_folder(paper, "none", 0))
+    with open(os.path.join(experiments.run_folder(paper, "none", 0), "experiment.json"), "w") as f:
+        json.dump(dict(wall_s=1.0, steps=None, eval_every=200, eval_n=500, rates="paper"), f)
+    assert experiments.finished(paper, "none", 0) == 1.0
+    with pytest.raises(UserError, match="trained at the paper's learning rates, not at the default run's"):
+        experiments.finished(default, "none", 0)
 
 
 @pytest.mark.slow

@@ -164,18 +164,18 @@ EXERCISES = (
         "train_figure5", "Train the default run and draw Figure 5", "Sec. 5.2, Figure 5",
         (),
         "With every other exercise done (the check trains 2 steps through all of them), train the "
-        "default run, `python train.py` (5.8 to 7.4 minutes on a 2-core CPU, measured; the console "
+        "default run, `python train.py` (9 minutes on a 2-core CPU, measured; the console "
         "shows the time left), then draw Figure 5 from it: `python evaluate.py --ckpt "
         "runs/sagan/ckpt.pt --attention fig5.png --k 3`. Expect the last sample grid "
-        "(runs/sagan/samples/) to show the ten classes by colour, each object beside its mirror "
-        "image, and Figure 5's maps to put most heat on one of the two objects.",
+        "(runs/sagan/samples/) to show the ten classes by colour and, mostly, by shape, each "
+        "object beside its mirror image, and Figure 5's maps to be spread thinly over the image.",
         ("Where do your run's gammas end (the last line of runs/sagan/log.jsonl)? Compare them with "
          "the reference run's, and say why they need not be equal to the last digit.",
          "What do your Figure 5 maps show? Where does a query point on an object look, and one in "
          "the background? Does a point on one object look at its mirror image?"),
         write_min=25, check_s=10.3,
         needs=("attention_map", "attention_output", "hinge_loss", "conditioning", "d_step", "g_step"),
-        run="5.8 to 7.4 min of training (measured, README)"),
+        run="9 min of training (measured, README)"),
 )
 
 BY_NAME = {e.name: e for e in EXERCISES}
