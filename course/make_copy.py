@@ -28,7 +28,7 @@ ROOT = os.path.dirname(COURSE)
 # top-level module and document is here, so that a new one is not forgotten).
 PROJECT_FILES = (".ci/gpu-check", ".ci/run", ".gitignore", "LICENSE", "README.md", "benchmark.py", "data.py",
                  "evaluate.py", "experiments.py", "pytest.ini", "requirements.txt", "sagan.py", "samples.png",
-                 "test_sagan.py", "train.py")
+                 "samples3d.png", "test_sagan.py", "train.py")
 
 
 class UserError(Exception):
