@@ -6,11 +6,11 @@
 
 Each command trains its arms, SEEDS seeds each, with train.py (the default run's model and
 steps unless --steps is given, at the paper's learning rates, PAPER_LR, or with --rates default
-at the default run's), with
-evaluate.synthetic_metrics logged every --eval-every steps over --eval-n samples. The table of
-means and sample standard deviations over the seeds is printed and written to OUT/NAME.md. Runs
-live in OUT/ARM/seedK and are shared between tables; a finished run is reused and an interrupted
-one resumed, so a command can be run again at any time. --jobs runs that many trainings at once, splitting the CPU threads between them.
+at the default run's), with evaluate.synthetic_metrics logged every --eval-every steps over
+--eval-n samples. The table of means and sample standard deviations over the seeds is printed and
+written to OUT/NAME.md. Runs live in OUT/ARM/seedK and are shared between tables; a finished run
+is reused and an interrupted one resumed, so a command can be run again at any time. --jobs runs
+that many trainings at once, splitting the CPU threads between them.
 """
 
 import json
@@ -27,7 +27,7 @@ from evaluate import load_checkpoint
 
 # Each arm: the train.py flags that make it, on top of the default synthetic run (TTUR, attention
 # at 16, spectral norm in G and D, 1:1) at the paper's learning rates. "attn16" is that run
-# itself, in every table. (The default run's own rates are 4x the paper's, same ratio: see
+# itself, in every table. (The default run's own rates are 8x the paper's, same ratio: see
 # train.PRESETS_BY_SIZE; the ablations keep the paper's recipe.)
 PAPER_LR = ["--lr-g", "1e-4", "--lr-d", "4e-4"]
 RATES = {"paper": "the paper's", "default": "the default run's (8x the paper's)"}
@@ -76,7 +76,8 @@ def run_folder(cfg, arm, seed):
 def train_command(cfg, arm, seed):
     folder = run_folder(cfg, arm, seed)
     cmd = [sys.executable, TRAIN, "--out", folder, "--seed", str(seed), "--eval-every", str(cfg.eval_every),
-           "--eval-n", str(cfg.eval_n), *(PAPER_LR if cfg.rates == "paper" else []), *ARMS[arm]] + (["--steps", str(cfg.steps)] if cfg.steps else [])
+           "--eval-n", str(cfg.eval_n), *(PAPER_LR if cfg.rates == "paper" else []), *ARMS[arm]]
+    cmd += ["--steps", str(cfg.steps)] if cfg.steps else []
     ckpt = os.path.join(folder, "ckpt.pt")
     if os.path.exists(ckpt):
         return cmd + ["--resume"]
@@ -91,9 +92,10 @@ def finished(cfg, arm, seed):
         return None
     with open(path) as f:
         done = json.load(f)
-    if done.get("rates", "paper") != cfg.rates:
-        raise UserError(f"{os.path.dirname(path)} was trained at {RATES[done.get('rates', 'paper')]} learning "
-                        f"rates, not at {RATES[cfg.rates]}; give another --out")
+    rates = done.get("rates", "paper")  # records written before --rates existed: the paper's
+    if rates != cfg.rates:
+        raise UserError(f"{os.path.dirname(path)} was trained at {RATES[rates]} learning rates, not at "
+                        f"{RATES[cfg.rates]}; give another --out")
     return done["wall_s"] if done.get("steps") == (cfg.steps or None) and done.get("eval_every") == cfg.eval_every \
         and done.get("eval_n") == cfg.eval_n else None
 
