@@ -790,10 +790,11 @@ TINY3D = ["--dims", "3", "--ch", "8", "--batch-size", "4", "--log-every", "2", "
 def test_resume_is_bit_identical_to_a_straight_run(tmp_path, tiny, steps):
     """Half the steps, resume, the other half == all of them straight: G, D, EMA, optimizers, SN
     vectors and all RNGs, with flips on (their randomness must resume too) and the EMA switching
-    on mid-run; for images and for volumes."""
+    on mid-run; for images and for volumes. The first half begins with --overwrite, which the
+    resume must not take over from the checkpoint (it would refuse to resume)."""
     common = tiny + ["--ema", "--ema-start", "3", "--flip"]
     assert train.main(common + ["--steps", steps, "--out", tmp_path / "straight"]) == 0
-    assert train.main(common + ["--steps", steps // 2, "--out", tmp_path / "split"]) == 0
+    assert train.main(common + ["--steps", steps // 2, "--out", tmp_path / "split", "--overwrite"]) == 0
     assert train.main(["--resume", "--out", tmp_path / "split", "--steps", steps]) == 0
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)

@@ -709,12 +709,13 @@ def make_evaluator(cfg, device):
 
 def with_resume(cfg, given):
     """(cfg, checkpoint or None): with --resume, the checkpoint's configuration with the flags
-    given now on top (a flag may have gone from the code since the checkpoint was written)."""
+    given now on top (a flag may have gone from the code since the checkpoint was written), less
+    --overwrite, which said how the run began and would refuse the resume."""
     if not cfg.resume:
         return cfg, None
     path = os.path.join(cfg.out, "ckpt.pt") if cfg.resume == "auto" else cfg.resume
     ckpt = load_checkpoint(path)
-    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(MODEL_HELP)
+    known = ({f.name for f in dataclasses.fields(TrainConfig)} - {"overwrite"}) | set(MODEL_HELP)
     saved = {k: v for k, v in {**ckpt["train"], **ckpt["model"]}.items() if k in known}
     now = {k: getattr(cfg.model if k in MODEL_HELP else cfg, k) for k in given}
     return make_config({**saved, **now, "resume": path}), ckpt
