@@ -33,8 +33,9 @@ exactly and offline (synthetic_metrics): the mirror error, the share of samples 
 asked-for colour and shape (two small probe classifiers trained here, in seconds), FID and
 precision/recall in the probes' features, and how far G's attention reaches (Figure 5 as a number).
 
-Volumes (a generator trained with --dims 3) have no IS or FID; their pictures show a few slices
-across the depth and a maximum-intensity projection (volume_views), in the grids and in Figure 5.
+Volumes (a generator trained with --dims 3) have no IS or FID, but the same exact measurements,
+with 3-D probes; their pictures show a few slices across the depth and a maximum-intensity
+projection (volume_views), in the grids and in Figure 5.
 
 The file also reads train.py's checkpoints (load_checkpoint, load_generator): training imports
 this file, never the other way round.
@@ -61,7 +62,7 @@ from torchvision.utils import make_grid, save_image
 
 import data
 from data import UserError, atomic_write
-from sagan import Generator, ModelConfig
+from sagan import LAYERS, Generator, ModelConfig
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -563,11 +564,12 @@ PROBE_TRAIN, PROBE_TEST, PROBE_STEPS = 4000, 1000, 200  # probe data: indices fr
 OBJECT_LEVEL = 0.375  # brightest channel of an object pixel: background <= 0.25, objects >= 0.48
 
 
-def synthetic_images(size, start, n):
-    """Synthetic images start .. start + n - 1: uint8 (n, 3, S, S) and labels (n,)."""
-    ds = data.Synthetic(size, length=start + n)
+def synthetic_images(size, start, n, dims=2):
+    """Synthetic images start .. start + n - 1: uint8 (n, 3, S, S) and labels (n,); volumes
+    (n, 3, S, S, S) with dims = 3."""
+    ds = data.Synthetic(size, length=start + n, dims=dims)
     pixels, labels = zip(*(ds.pixels(i) for i in range(start, start + n)))
-    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+    return torch.from_numpy(np.stack(pixels)).movedim(-1, 1).contiguous(), torch.tensor(labels)
 
 
 class Probe(nn.Module):
@@ -576,27 +578,32 @@ class Probe(nn.Module):
     "colour" sees every pixel's colour but no shape: 1x1 convolutions, then the maximum over the
     image. "shape" sees no colour: 3x3 convolutions on the grey image, stretched to [0, 1] per
     image, so that neither hue nor brightness is left. Their features (the maximum over the image
-    of the last layer, 32 each) are the space of the distribution distances."""
+    of the last layer, 32 each) are the space of the distribution distances. With dims = 3 the
+    same on volumes (sagan.LAYERS picks the 3-D layers)."""
 
-    def __init__(self, cue):
+    def __init__(self, cue, dims=2):
         super().__init__()
-        self.cue = cue
+        self.cue, self.layers = cue, LAYERS[dims]
         k, c_in = (3, 1) if cue == "shape" else (1, 3)
-        layers = []
-        for i, (a, b) in enumerate([(c_in, 8), (8, 16), (16, 32)]):
-            layers += [nn.Conv2d(a, b, k, padding=k // 2), nn.ReLU()] + ([nn.MaxPool2d(2)] if k == 3 and i < 2 else [])
-        self.body = nn.Sequential(*layers)
+        self.convs = nn.ModuleList(self.layers.conv(a, b, k, padding=k // 2) for a, b in [(c_in, 8), (8, 16), (16, 32)])
         self.head = nn.Linear(32, 10)
 
-    def features(self, images):  # uint8 (B, 3, S, S) -> (B, 32)
+    def features(self, images):  # uint8 (B, 3, S, S[, S]) -> (B, 32)
         x = images.float() / 255
+        space = tuple(range(2, x.dim()))
         if self.cue == "shape":
-            x = x.mean(dim=1, keepdim=True)  # (B, 1, S, S)
-            low, high = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+            x = x.mean(dim=1, keepdim=True)  # (B, 1, S, S[, S])
+            low, high = x.amin(dim=space, keepdim=True), x.amax(dim=space, keepdim=True)
             x = (x - low) / (high - low).clamp(min=1e-3)
         else:
-            x = F.avg_pool2d(x, 2)  # colours stay, at a quarter of the work
-        return self.body(x).amax(dim=(2, 3))
+            x = self.layers.avg_pool(x, 2)  # colours stay, at a quarter (an eighth) of the work
+        if x.dim() == 5:  # volumes channels-last: their 3-D convolutions then take half the time on a CPU
+            x = x.contiguous(memory_format=self.layers.channels_last)
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(x))
+            if self.cue == "shape" and i < 2:
+                x = self.layers.max_pool(x, 2)
+        return x.amax(dim=space)
 
     def forward(self, images):
         return self.head(self.features(images))
@@ -605,17 +612,17 @@ class Probe(nn.Module):
 _probes = {}
 
 
-def probes(size, seed=0):
-    """The colour and the shape probe for size x size images, trained on first use (seconds on a
-    CPU, seeded, without touching the global random state) and kept for the process. Returns
-    ({cue: probe}, {cue: accuracy on PROBE_TEST held-out real images})."""
-    if (size, seed) not in _probes:
-        x, y = synthetic_images(size, 10 ** 6, PROBE_TRAIN + PROBE_TEST)
+def probes(size, seed=0, dims=2):
+    """The colour and the shape probe for size x size images (size^3 volumes with dims = 3),
+    trained on first use (seconds on a CPU, seeded, without touching the global random state) and
+    kept for the process. Returns ({cue: probe}, {cue: accuracy on PROBE_TEST held-out real images})."""
+    if (size, seed, dims) not in _probes:
+        x, y = synthetic_images(size, 10 ** 6, PROBE_TRAIN + PROBE_TEST, dims)
         nets, accuracy = {}, {}
         with torch.random.fork_rng(devices=[]), torch.enable_grad():  # callers may be in no_grad
             torch.manual_seed(seed)
             for cue in ("colour", "shape"):
-                net = Probe(cue)
+                net = Probe(cue, dims)
                 opt = torch.optim.Adam(net.parameters(), lr=1e-2)
                 for step in range(PROBE_STEPS):
                     i = torch.randint(PROBE_TRAIN, (64,))
@@ -626,8 +633,8 @@ def probes(size, seed=0):
                 nets[cue] = net.eval().requires_grad_(False)
                 with torch.no_grad():
                     accuracy[cue] = (net(x[PROBE_TRAIN:]).argmax(1) == y[PROBE_TRAIN:]).float().mean().item()
-        _probes[size, seed] = nets, accuracy
-    return _probes[size, seed]
+        _probes[size, seed, dims] = nets, accuracy
+    return _probes[size, seed, dims]
 
 
 def mirror_gap(images):
@@ -654,10 +661,10 @@ def precision_recall(real, fake, k=3, chunk=1000):
 
 def object_masks(images):
     """The two objects of synthetic-like images, uint8 (B, 3, S, S) -> left and right masks
-    (B, S, S): the pixels whose brightest channel is above OBJECT_LEVEL, halfway between the
+    (B, S, S) (volumes: (B, 3, S, S, S) -> (B, S, S, S)): the pixels whose brightest channel is above OBJECT_LEVEL, halfway between the
     brightest background (0.25) and the dimmest object colour (brown at its lowest shade, 0.48),
-    split at the vertical centre line, which no real object crosses."""
-    bright = images.amax(dim=1).float() / 255 > OBJECT_LEVEL  # (B, S, S)
+    split at the vertical centre line (plane), which no real object crosses."""
+    bright = images.amax(dim=1).float() / 255 > OBJECT_LEVEL  # (B, S, S[, S])
     left = bright.clone()
     left[..., images.shape[-1] // 2:] = False
     return left, bright & ~left
@@ -665,17 +672,19 @@ def object_masks(images):
 
 def attention_reach(beta, left, right, cover=0.5):
     """Figure 5 as a number, per sample: for the query positions on one object, the share of
-    their attention (beta (B, N, M), query and key grids square) that falls on the mirror object,
+    their attention (beta (B, N, M), query and key grids square, or cubic for volumes) that falls on the mirror object,
     divided by that object's share of the image; averaged over the queries, then over the two
     objects. 1 is attention spread uniformly, more is attention drawn to the mirror object.
 
     A query (key) cell's object share is the fraction of its pixels in the object mask; queries
     count as on an object when that is at least `cover`. NaN where a sample has no such query or
     an empty mirror object."""
-    side_q, side_k = math.isqrt(beta.shape[1]), math.isqrt(beta.shape[2])
+    dims = left.dim() - 1
+    side_q, side_k = (round(n ** (1 / dims)) for n in beta.shape[1:])
+    pool = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[dims]
 
     def share(mask, side):  # (B, S, S) -> (B, side^2), row-major like SelfAttention's flattening
-        return F.adaptive_avg_pool2d(mask[:, None].float(), side).flatten(1)
+        return pool(mask[:, None].float(), side).flatten(1)
 
     reach = []
     for here, there in ((left, right), (right, left)):
@@ -688,7 +697,7 @@ def attention_reach(beta, left, right, cover=0.5):
 
 @torch.no_grad()
 def synthetic_metrics(G, n, batch_size=50, device="cpu", seed=0, probe_seed=0):
-    """The measurements of a generator of 2-D synthetic data over n samples (z and labels from
+    """The measurements of a generator of synthetic images or volumes over n samples (z and labels from
     latents(..., seed)): those of sample_metrics, and
         reach    mean attention_reach of G's last attention layer over the samples where it is
                  defined (None without attention, or when no sample has two objects)
@@ -713,16 +722,17 @@ def synthetic_metrics(G, n, batch_size=50, device="cpu", seed=0, probe_seed=0):
 
 @torch.no_grad()
 def sample_metrics(fake, labels, probe_seed=0):
-    """Measurements of n images uint8 (n, 3, S, S) meant to show classes labels (n,), against
-    the first n training images of the synthetic data:
+    """Measurements of n images uint8 (n, 3, S, S) (or volumes (n, 3, S, S, S)) meant to show
+    classes labels (n,), against the first n training images (volumes) of the synthetic data:
         mirror_error       mean |x - flip(x)|, pixels in [0, 1] (real images: 0)
         colour_fidelity    share of the images whose colour probe says the asked-for class
         shape_fidelity     the same for the shape probe
         fid_probe          Frechet distance in the two probes' features side by side (64-d)
         precision, recall  Kynkaanniemi et al. (k = 3) in the same features
     FID, precision and recall depend on n: compare them at equal n."""
-    nets, _ = probes(fake.shape[-1], probe_seed)
-    real = synthetic_images(fake.shape[-1], 0, len(fake))[0]
+    size, dims = fake.shape[-1], fake.dim() - 2
+    nets, _ = probes(size, probe_seed, dims)
+    real = synthetic_images(size, 0, len(fake), dims)[0]
 
     def features(images):
         return torch.cat([torch.cat([nets[c].features(images[i:i + 500]) for c in nets], dim=1)
@@ -781,7 +791,7 @@ class EvalConfig:
     grid: str = _arg("", "write a sample grid, a row per class, to this PNG")
     classes: str = _arg("", 'classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)')
     mirror: bool = _arg(False, "print the mirror error of --n samples: mean |x - flip(x)|, pixels in [0, 1]")
-    synthetic_n: int = _arg(1000, "samples for the measurements of a generator trained on --data synthetic")
+    synthetic_n: int = _arg(1000, "samples for the measurements of a generator trained on --data synthetic(3d)")
 
 
 def build_parser():
@@ -874,13 +884,15 @@ def evaluate(cfg):
             error = mirror_error(G, cfg.n, cfg.batch_size, device, cfg.seed)
             return print(f"mirror error {error:.4f}: mean |x - flip(x)| over the mirror {'line' if mcfg.dims == 2 else 'plane'} "
                          f"of {cfg.n} samples, pixels in [0, 1] ({weights}, step {step})")
-        if mcfg.dims != 2:
-            raise UserError("IS and FID are defined for images; this generator makes volumes (use --grid, "
-                            "--attention or --mirror)")
+        if mcfg.dims != 2 and (source != "synthetic3d" or cfg.ref_stats or cfg.inception_weights):
+            raise UserError("IS and FID are defined for images; this generator makes volumes: leave out "
+                            "--ref-stats and --inception-weights for the exact measurements of synthetic3d")
         result.update(step=step, weights=weights, seed=cfg.seed)
-        if source == "synthetic":
+        if source in ("synthetic", "synthetic3d"):
             result.update(synthetic_n=cfg.synthetic_n, **synthetic_metrics(G, cfg.synthetic_n, cfg.batch_size, device, cfg.seed))
-            print_synthetic(result, mcfg.size)
+            print_synthetic(result, mcfg)
+            if mcfg.dims != 2:
+                return _write_result(cfg, result)
             if not (cfg.ref_stats or cfg.inception_weights):
                 print("IS and FID left out: they need the Inception weights (a download) and say little about "
                       "coloured shapes; give --inception-weights or --ref-stats to add them")
@@ -912,14 +924,15 @@ def _write_result(cfg, result):
         atomic_write(cfg.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
 
 
-def print_synthetic(r, size):
-    _, accuracy = probes(size)
+def print_synthetic(r, mcfg):
+    _, accuracy = probes(mcfg.size, dims=mcfg.dims)
+    real = "images" if mcfg.dims == 2 else "volumes"
     reach = "no attention layer" if r["reach"] is None else f"{r['reach']:.2f} (1 = uniform)"
     print(f"synthetic-data measurements of {r['synthetic_n']} samples ({r['weights']}, step {r['step']}):\n"
-          f"  mirror error     {r['mirror_error']:.4f}   mean |x - flip(x)|, pixels in [0, 1]; real images 0\n"
+          f"  mirror error     {r['mirror_error']:.4f}   mean |x - flip(x)|, pixels in [0, 1]; real {real} 0\n"
           f"  class fidelity   colour {r['colour_fidelity']:.3f}, shape {r['shape_fidelity']:.3f}   "
-          f"(the probes on held-out real images: {accuracy['colour']:.3f}, {accuracy['shape']:.3f})\n"
-          f"  FID (probes)     {r['fid_probe']:.2f}   against {r['synthetic_n']} training images, 64-d probe features\n"
+          f"(the probes on held-out real {real}: {accuracy['colour']:.3f}, {accuracy['shape']:.3f})\n"
+          f"  FID (probes)     {r['fid_probe']:.2f}   against {r['synthetic_n']} training {real}, 64-d probe features\n"
           f"  precision        {r['precision']:.3f}, recall {r['recall']:.3f}   (k = 3, same features)\n"
           f"  attention reach  {reach}: attention on the mirror object over its share of the image")
 

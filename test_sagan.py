@@ -1002,12 +1002,13 @@ def test_run_folder_contents(tmp_path):
 
 @pytest.mark.slow
 def test_volume_training_steps_are_finite_and_samples_show_slices(tmp_path):
-    assert train.main(TINY3D + ["--steps", "2", "--out", tmp_path]) == 0
+    assert train.main(TINY3D + ["--steps", "2", "--eval-every", "2", "--eval-n", "10", "--out", tmp_path]) == 0
     config = json.load(open(tmp_path / "config.json"))
     assert config["train"]["data"] == "synthetic3d" and config["model"]["dims"] == 3
-    record = json.loads(open(tmp_path / "log.jsonl").readline())
+    record, measured = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert all(np.isfinite(record[k]) for k in ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake"))
     assert len(record["gamma_g"]) == len(record["gamma_d"]) == 1
+    assert measured["step"] == 2 and 0 <= measured["shape_fidelity"] <= 1 and measured["mirror_error"] > 0, measured
     with Image.open(tmp_path / "samples" / "step_0000002.png") as im:
         assert im.size == (8 * 67 + 9 * 2, 10 * 16 + 11 * 2)  # a row per class, 8 volumes of 4 views
 
@@ -1102,6 +1103,7 @@ def bad_train_inputs(tmp_path_factory):
     (["--dims", "3", "--size", "64"], "size 64 is not supported at dims 3"),
     (["--dims", "3", "--data", "cifar10"], "cifar10 data is 2-D and the model 3-D"),
     (["--data", "synthetic3d", "--dims", "2", "--size", "32"], "synthetic3d data is 3-D and the model 2-D"),
+    (["--dims", "3", "--eval-every", "5", "--ref-stats", "{d}/junk.pt"], "IS and FID are defined for images, not volumes"),
 ])
 def test_train_user_errors_print_one_line_and_exit_2(args, message, bad_train_inputs, tmp_path, capsys):
     argv = [a.format(d=bad_train_inputs) for a in args] + ["--out", tmp_path / "out"]
@@ -1697,6 +1699,47 @@ def test_evaluate_measures_a_synthetic_checkpoint_offline(tmp_path, capsys):
     assert result["fid_probe"] == ev.synthetic_metrics(G, 80)["fid_probe"]  # the API gives the same
     assert ev.main(["--ckpt", str(path), "--synthetic-n", "5"]) == 2
     assert "--synthetic-n must be at least 10" in capsys.readouterr().err
+
+
+def test_synthetic_measurements_of_volumes(tmp_path, capsys):
+    """The same measurements on the 3-D synthetic data, with probes of 3-D convolutions: real
+    volumes, a blanked half, one class for all, reach on hand-made maps, the offline command."""
+    _, accuracy = ev.probes(16, dims=3)
+    assert min(accuracy.values()) > 0.97, accuracy
+    x, y = ev.synthetic_images(16, 200_000, 300, dims=3)
+    good = ev.sample_metrics(x, y)
+    assert good["mirror_error"] == 0.0 and min(good["colour_fidelity"], good["shape_fidelity"]) > 0.95, good
+    assert good["fid_probe"] < 10 and good["precision"] > 0.85 and good["recall"] > 0.85, good
+    half = x.clone()
+    half[..., 8:] = 0  # the half beyond the mirror plane blanked
+    m = ev.sample_metrics(half, y)
+    assert m["mirror_error"] > 0.1 and m["fid_probe"] > 20 * good["fid_probe"] and m["recall"] < 0.3, m
+    threes = x[y == 3].repeat(20, 1, 1, 1, 1)[:len(x)]
+    m = ev.sample_metrics(threes, y)
+    assert abs(m["colour_fidelity"] - (y == 3).double().mean().item()) < 0.02 and m["shape_fidelity"] < 0.15, m
+    left, right = ev.object_masks(x[:50])
+    assert torch.equal(left, right.flip(-1)) and (left.sum(dim=(1, 2, 3)) > 10).all()
+    # A 4^3 cube, one key cell of the 4^3 keys (attention at 8^3 queries): its mirror is 1/64 of the volume.
+    left = torch.zeros(1, 16, 16, 16, dtype=torch.bool)
+    left[0, 4:8, 4:8, 4:8] = True
+    right = left.flip(-1)
+    uniform = torch.full((1, 8 ** 3, 4 ** 3), 1 / 4 ** 3)
+    assert ev.attention_reach(uniform, left, right).item() == pytest.approx(1.0)
+    beta = uniform.clone()
+    on = lambda mask: F.adaptive_avg_pool3d(mask[:, None].float(), 8).flatten()[None, :, None] == 1  # (1, 512, 1)
+    cell = lambda z, y, x: F.one_hot(torch.tensor(16 * z + 4 * y + x), 64).float()  # (z, y, x) on the key grid
+    beta = torch.where(on(left), cell(1, 1, 2), torch.where(on(right), cell(1, 1, 1), beta))  # all on the mirror
+    assert ev.attention_reach(beta, left, right).item() == pytest.approx(64.0)
+    path = tmp_path / "ckpt.pt"
+    make_checkpoint(path, attn=(8,), size=16, dims=3)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["train"] = {"data": "synthetic3d"}
+    torch.save(ckpt, path)
+    assert ev.main(["--ckpt", str(path), "--synthetic-n", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic-data measurements of 20 samples" in out and "real volumes 0" in out and "IS and FID" not in out, out
+    assert ev.main(["--ckpt", str(path), "--inception-weights", str(path)]) == 2
+    assert "IS and FID are defined for images" in capsys.readouterr().err
 
 
 def test_experiments_train_at_the_papers_rates_or_the_default_runs_in_their_own_folders(tmp_path, capsys):

@@ -206,6 +206,9 @@ def check_config(cfg, world=1, needs_data=True):
         raise UserError(f"--batch-size {cfg.batch_size} must divide by processes x --accum = {world * cfg.accum}")
     if needs_data and cfg.data not in ("synthetic", "synthetic3d", "cifar10") and not cfg.data_root:
         raise UserError(f"--data {cfg.data} needs --data-root")
+    if cfg.model.dims != 2 and (cfg.ref_stats or cfg.inception_weights):
+        raise UserError("IS and FID are defined for images, not volumes: leave out --ref-stats and --inception-weights "
+                        "(--eval-every measures a 3-D run with the exact synthetic measurements)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,9 +688,9 @@ def make_evaluator(cfg, device):
     nothing is left to measure. A bad statistics file is an error before training starts, not
     after hours."""
     ref = evaluate.load_stats(cfg.ref_stats) if cfg.ref_stats else None
-    synthetic = cfg.data == "synthetic"
+    synthetic = cfg.data in ("synthetic", "synthetic3d")
     inception = None
-    if not synthetic or cfg.ref_stats or cfg.inception_weights:
+    if cfg.model.dims == 2 and (not synthetic or cfg.ref_stats or cfg.inception_weights):
         try:
             inception = evaluate.load_inception(cfg.inception_weights or None, device)
         except UserError as e:
