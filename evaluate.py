@@ -661,9 +661,10 @@ def precision_recall(real, fake, k=3, chunk=1000):
 
 def object_masks(images):
     """The two objects of synthetic-like images, uint8 (B, 3, S, S) -> left and right masks
-    (B, S, S) (volumes: (B, 3, S, S, S) -> (B, S, S, S)): the pixels whose brightest channel is above OBJECT_LEVEL, halfway between the
-    brightest background (0.25) and the dimmest object colour (brown at its lowest shade, 0.48),
-    split at the vertical centre line (plane), which no real object crosses."""
+    (B, S, S), or of volumes (B, 3, S, S, S) -> (B, S, S, S): the pixels whose brightest channel
+    is above OBJECT_LEVEL, halfway between the brightest background (0.25) and the dimmest object
+    colour (brown at its lowest shade, 0.48), split at the vertical centre line (plane), which no
+    real object crosses."""
     bright = images.amax(dim=1).float() / 255 > OBJECT_LEVEL  # (B, S, S[, S])
     left = bright.clone()
     left[..., images.shape[-1] // 2:] = False
@@ -672,9 +673,10 @@ def object_masks(images):
 
 def attention_reach(beta, left, right, cover=0.5):
     """Figure 5 as a number, per sample: for the query positions on one object, the share of
-    their attention (beta (B, N, M), query and key grids square, or cubic for volumes) that falls on the mirror object,
-    divided by that object's share of the image; averaged over the queries, then over the two
-    objects. 1 is attention spread uniformly, more is attention drawn to the mirror object.
+    their attention (beta (B, N, M), query and key grids square, or cubic for volumes) that
+    falls on the mirror object, divided by that object's share of the image; averaged over the
+    queries, then over the two objects. 1 is attention spread uniformly, more is attention drawn
+    to the mirror object.
 
     A query (key) cell's object share is the fraction of its pixels in the object mask; queries
     count as on an object when that is at least `cover`. NaN where a sample has no such query or
@@ -683,7 +685,7 @@ def attention_reach(beta, left, right, cover=0.5):
     side_q, side_k = (round(n ** (1 / dims)) for n in beta.shape[1:])
     pool = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[dims]
 
-    def share(mask, side):  # (B, S, S) -> (B, side^2), row-major like SelfAttention's flattening
+    def share(mask, side):  # (B, S, S[, S]) -> (B, side^dims), row-major like SelfAttention's flattening
         return pool(mask[:, None].float(), side).flatten(1)
 
     reach = []
