@@ -1701,6 +1701,7 @@ def test_evaluate_measures_a_synthetic_checkpoint_offline(tmp_path, capsys):
     assert "--synthetic-n must be at least 10" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains the two 3-D probes
 def test_synthetic_measurements_of_volumes(tmp_path, capsys):
     """The same measurements on the 3-D synthetic data, with probes of 3-D convolutions: real
     volumes, a blanked half, one class for all, reach on hand-made maps, the offline command."""
