@@ -85,8 +85,9 @@ def train_command(cfg, arm, seed):
 
 
 def finished(cfg, arm, seed):
-    """The run's wall time in seconds if it has finished, else None. A run trained at the other
-    learning rates is an error: its folder is not for this command."""
+    """The run's record (wall time of the call that finished it, threads, ...) if it has finished,
+    else None. A run trained at the other learning rates is an error: its folder is not for this
+    command."""
     path = os.path.join(run_folder(cfg, arm, seed), "experiment.json")
     if not os.path.exists(path):
         return None
@@ -96,16 +97,16 @@ def finished(cfg, arm, seed):
     if rates != cfg.rates:
         raise UserError(f"{os.path.dirname(path)} was trained at {RATES[rates]} learning rates, not at "
                         f"{RATES[cfg.rates]}; give another --out")
-    return done["wall_s"] if done.get("steps") == (cfg.steps or None) and done.get("eval_every") == cfg.eval_every \
+    return done if done.get("steps") == (cfg.steps or None) and done.get("eval_every") == cfg.eval_every \
         and done.get("eval_n") == cfg.eval_n else None
 
 
 def train(cfg, arm, seed, threads):
-    """Trains (or resumes) one run; returns the wall time in seconds of the call that finished it
-    (a resumed run: of its last part only)."""
-    wall = finished(cfg, arm, seed)
-    if wall is not None:
-        return wall
+    """Trains (or resumes) one run; returns its record, with the wall time in seconds of the call
+    that finished it (a resumed run: of its last part only) and the threads it had."""
+    done = finished(cfg, arm, seed)
+    if done is not None:
+        return done
     folder = run_folder(cfg, arm, seed)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     log_path = folder + ".txt"
@@ -125,7 +126,7 @@ def train(cfg, arm, seed, threads):
                   eval_every=cfg.eval_every, eval_n=cfg.eval_n, threads=threads, rates=cfg.rates)
     atomic_write(os.path.join(folder, "experiment.json"), lambda f: f.write(json.dumps(record).encode()))
     print(f"  {arm} seed {seed}: {step} steps in {record['wall_s'] / 60:.1f} min", flush=True)
-    return record["wall_s"]
+    return record
 
 
 def measurements(cfg, arm, seed):
@@ -146,7 +147,7 @@ def mean_std(values, fmt):
     return fmt.format(np.mean(values)) + (" +- " + fmt.format(np.std(values, ddof=1)) if len(values) > 1 else "")
 
 
-def table(cfg, name, walls):
+def table(cfg, name, records):
     arms, kind = TABLES[name]
     logs = {arm: [measurements(cfg, arm, s) for s in range(cfg.seeds)] for arm in arms}
     last = max(logs[arms[0]][0])
@@ -158,7 +159,7 @@ def table(cfg, name, walls):
         for arm in arms:
             cells = [mean_std([log[last][key] for log in logs[arm]], fmt) for key, _, fmt in FINAL]
             lines.append(f"| {arm} | `{' '.join(ARMS[arm]) or '(default)'}` | {' | '.join(cells)} | "
-                         f"{mean_std([walls[arm, s] / 60 for s in range(cfg.seeds)], '{:.1f}')} |")
+                         f"{mean_std([records[arm, s]['wall_s'] / 60 for s in range(cfg.seeds)], '{:.1f}')} |")
         header = f"At step {last}, mean +- std over {seeds}."
     elif kind == "over_steps":
         lines = []
@@ -190,9 +191,11 @@ def main(argv=None):
               f"{cfg.jobs} at a time; each run's output goes to {cfg.out}/ARM/seedK.txt", flush=True)
         t = time.perf_counter()
         with ThreadPoolExecutor(cfg.jobs) as pool:
-            walls = dict(zip(runs, pool.map(lambda run: train(cfg, *run, threads), runs)))
-        text = table(cfg, cfg.table, walls)
-        text += f"\nRun time of the runs times their threads ({threads} each): {sum(walls.values()) * threads / 3600:.2f} " \
+            records = dict(zip(runs, pool.map(lambda run: train(cfg, *run, threads), runs)))
+        text = table(cfg, cfg.table, records)
+        used = sorted({r["threads"] for r in records.values()})  # as each run recorded: a reused one kept its own
+        core_hours = sum(r["wall_s"] * r["threads"] for r in records.values()) / 3600
+        text += f"\nRun time of the runs times their threads ({' or '.join(map(str, used))} each): {core_hours:.2f} " \
                 f"core-hours; this command: {(time.perf_counter() - t) / 60:.1f} min.\n"
         atomic_write(os.path.join(cfg.out, cfg.table + ".md"), lambda f: f.write(text.encode()))
         print(text)

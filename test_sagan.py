@@ -1752,8 +1752,8 @@ def test_experiments_train_at_the_papers_rates_or_the_default_runs_in_their_own_
     assert "--lr-g" not in experiments.train_command(default, "none", 0)  # train.py's preset, 8x
     os.makedirs(experiments.run_folder(paper, "none", 0))
     with open(os.path.join(experiments.run_folder(paper, "none", 0), "experiment.json"), "w") as f:
-        json.dump(dict(wall_s=1.0, steps=None, eval_every=200, eval_n=500, rates="paper"), f)
-    assert experiments.finished(paper, "none", 0) == 1.0
+        json.dump(dict(wall_s=1.0, steps=None, eval_every=200, eval_n=500, threads=1, rates="paper"), f)
+    assert experiments.finished(paper, "none", 0)["wall_s"] == 1.0
     with pytest.raises(UserError, match="trained at the paper's learning rates, not at the default run's"):
         experiments.finished(default, "none", 0)
 
@@ -1771,8 +1771,10 @@ def test_experiment_command_trains_measures_and_reuses_its_runs(tmp_path, capsys
     config = json.load(open(out / "attn16" / "seed0" / "config.json"))["train"]
     assert (config["lr_g"], config["lr_d"]) == (1e-4, 4e-4)  # the paper's rates, not the default run's
     before = (out / "attn16" / "seed0.txt").read_text()
-    assert experiments.main(args) == 0  # finished runs are reused, not trained again
+    assert experiments.main(args + ["--jobs", "2"]) == 0  # finished runs are reused, not trained again
     assert (out / "attn16" / "seed0.txt").read_text() == before
+    # Their core-hours count the threads each run had (all the CPU's, one job), not this call's share.
+    assert f"their threads ({os.cpu_count()} each)" in capsys.readouterr().out
     # More steps: the run is resumed from its checkpoint, not started again.
     assert experiments.main([*args[:4], "6", *args[5:]]) == 0
     log = [json.loads(line) for line in open(out / "attn16" / "seed0" / "log.jsonl")]
