@@ -129,8 +129,9 @@ PRESETS_BY_SIZE = {
     # run, measured"). experiments.py keeps the paper's rates.
     ("synthetic", 32): dict(ch=16, batch_size=32, steps=1200, lr_g=8e-4, lr_d=3.2e-3,
                             log_every=50, sample_every=200, ckpt_every=200),
-    # The default 3-D run (python train.py --dims 3): volumes of 16^3, meant to take under 15 minutes on 2 cores (9 to 17 measured: README),
-    # at the same 8x rates (measured against the paper's in the README's 3-D section).
+    # The default 3-D run (python train.py --dims 3): volumes of 16^3, meant to take under 15
+    # minutes on 2 cores (9 to 17 measured, by the day: README), at the same 8x rates (measured
+    # against the paper's in the README's 3-D section).
     ("synthetic3d", 16): dict(ch=8, batch_size=32, steps=1200, lr_g=8e-4, lr_d=3.2e-3,
                               log_every=50, sample_every=200, ckpt_every=200),
 }
