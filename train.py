@@ -683,15 +683,15 @@ class StopSignals:
 
 def make_evaluator(cfg, device):
     """The measurements of --eval-every, through evaluate.py: a function of G returning a dict.
-    On the built-in synthetic images, the exact ones (evaluate.synthetic_metrics), offline; IS (and
-    FID with --ref-stats) on other data, and on synthetic data too when --ref-stats or
+    On the built-in synthetic images and volumes, the exact ones (evaluate.synthetic_metrics),
+    offline; IS (and FID with --ref-stats) on other data, and on synthetic data too when --ref-stats or
     --inception-weights asks for them. Without the Inception weights, one warning, and None when
     nothing is left to measure. A bad statistics file is an error before training starts, not
     after hours."""
     ref = evaluate.load_stats(cfg.ref_stats) if cfg.ref_stats else None
     synthetic = cfg.data in ("synthetic", "synthetic3d")
     inception = None
-    if cfg.model.dims == 2 and (not synthetic or cfg.ref_stats or cfg.inception_weights):
+    if not synthetic or cfg.ref_stats or cfg.inception_weights:  # never for volumes: check_config refuses these
         try:
             inception = evaluate.load_inception(cfg.inception_weights or None, device)
         except UserError as e:
