@@ -28,14 +28,11 @@ a symmetric matrix similar to S1 S2, not from scipy's sqrtm (frechet_distance: t
 bilinear interpolate on 2x/255 - 1, so its FID differs from TF's by about 0.1-0.2 %); Figure 5
 is drawn our way, since the paper does not say how (attention_figure).
 
-The built-in synthetic data is drawn by a known program, so a generator trained on it is measured
-exactly and offline (synthetic_metrics): the mirror error, the share of samples showing the
-asked-for colour and shape (two small probe classifiers trained here, in seconds), FID and
-precision/recall in the probes' features, and how far G's attention reaches (Figure 5 as a number).
-
-Volumes (a generator trained with --dims 3) have no IS or FID, but the same exact measurements,
-with 3-D probes; their pictures show a few slices across the depth and a maximum-intensity
-projection (volume_views), in the grids and in Figure 5.
+A generator trained on the built-in synthetic data is measured exactly and offline by
+measures.py (mirror error, class fidelity, FID in probe features, attention reach); this
+file's command line prints those for such a checkpoint. Volumes (a generator trained with
+--dims 3) have no IS or FID, only those measurements; their pictures show a few slices across
+the depth and a maximum-intensity projection (volume_views), in the grids and in Figure 5.
 
 The file also reads train.py's checkpoints (load_checkpoint, load_generator): training imports
 this file, never the other way round.
@@ -62,7 +59,7 @@ from torchvision.utils import make_grid, save_image
 
 import data
 from data import UserError, atomic_write
-from sagan import LAYERS, Generator, ModelConfig
+from sagan import Generator, ModelConfig
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -546,212 +543,6 @@ def attention_figure(images, maps, points):
 
 
 @torch.no_grad()
-def mirror_error(G, n, batch_size=50, device="cpu", seed=0):
-    """Mean |x - flip(x)| over the mirror line (plane, for volumes) x = 0 of n samples of G,
-    quantised like stored images, pixels in [0, 1]: 0 for a perfect mirror, as every synthetic
-    training image is. Each mirrored pair is counted twice, which leaves the mean unchanged."""
-    gaps = [(mirror_gap(images), len(images)) for images in generated_images(G, n, batch_size, device, seed)]
-    return sum(gap * b for gap, b in gaps) / n
-
-
-# --- Exact measurements on the built-in synthetic images ---------------------------------------
-# The synthetic data is drawn by a known program (data.Synthetic), so the paper's claims can be
-# measured where no natural-image metric reaches: is each sample its own mirror image (long-range
-# coherence, what attention is for), does it show the asked-for colour and shape, does G cover the
-# data, and does G's attention reach the mirror object (Figure 5 as a number).
-
-PROBE_TRAIN, PROBE_TEST, PROBE_STEPS = 4000, 1000, 200  # probe data: indices from 10^6 on, unseen in training
-OBJECT_LEVEL = 0.375  # brightest channel of an object pixel: background <= 0.25, objects >= 0.48
-
-
-def synthetic_images(size, start, n, dims=2):
-    """Synthetic images start .. start + n - 1: uint8 (n, 3, S, S) and labels (n,); volumes
-    (n, 3, S, S, S) with dims = 3."""
-    ds = data.Synthetic(size, length=start + n, dims=dims)
-    pixels, labels = zip(*(ds.pixels(i) for i in range(start, start + n)))
-    return torch.from_numpy(np.stack(pixels)).movedim(-1, 1).contiguous(), torch.tensor(labels)
-
-
-class Probe(nn.Module):
-    """A small classifier of the synthetic classes from one cue, to ask which class a sample shows.
-
-    "colour" sees every pixel's colour but no shape: 1x1 convolutions, then the maximum over the
-    image. "shape" sees no colour: 3x3 convolutions on the grey image, stretched to [0, 1] per
-    image, so that neither hue nor brightness is left. Their features (the maximum over the image
-    of the last layer, 32 each) are the space of the distribution distances. With dims = 3 the
-    same on volumes (sagan.LAYERS picks the 3-D layers)."""
-
-    def __init__(self, cue, dims=2):
-        super().__init__()
-        self.cue, self.layers = cue, LAYERS[dims]
-        k, c_in = (3, 1) if cue == "shape" else (1, 3)
-        self.convs = nn.ModuleList(self.layers.conv(a, b, k, padding=k // 2) for a, b in [(c_in, 8), (8, 16), (16, 32)])
-        self.head = nn.Linear(32, 10)
-
-    def features(self, images):  # uint8 (B, 3, S, S[, S]) -> (B, 32)
-        x = images.float() / 255
-        space = tuple(range(2, x.dim()))
-        if self.cue == "shape":
-            x = x.mean(dim=1, keepdim=True)  # (B, 1, S, S[, S])
-            low, high = x.amin(dim=space, keepdim=True), x.amax(dim=space, keepdim=True)
-            x = (x - low) / (high - low).clamp(min=1e-3)
-        else:
-            x = self.layers.avg_pool(x, 2)  # colours stay, at a quarter (an eighth) of the work
-        if x.dim() == 5:  # volumes channels-last: their 3-D convolutions then take half the time on a CPU
-            x = x.contiguous(memory_format=self.layers.channels_last)
-        for i, conv in enumerate(self.convs):
-            x = F.relu(conv(x))
-            if self.cue == "shape" and i < 2:
-                x = self.layers.max_pool(x, 2)
-        return x.amax(dim=space)
-
-    def forward(self, images):
-        return self.head(self.features(images))
-
-
-_probes = {}
-
-
-def probes(size, seed=0, dims=2):
-    """The colour and the shape probe for size x size images (size^3 volumes with dims = 3),
-    trained on first use (seconds on a CPU, seeded, without touching the global random state) and
-    kept for the process. Returns ({cue: probe}, {cue: accuracy on PROBE_TEST held-out real images})."""
-    if (size, seed, dims) not in _probes:
-        x, y = synthetic_images(size, 10 ** 6, PROBE_TRAIN + PROBE_TEST, dims)
-        nets, accuracy = {}, {}
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():  # callers may be in no_grad
-            torch.manual_seed(seed)
-            for cue in ("colour", "shape"):
-                net = Probe(cue, dims)
-                opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-                for step in range(PROBE_STEPS):
-                    i = torch.randint(PROBE_TRAIN, (64,))
-                    loss = F.cross_entropy(net(x[i]), y[i])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                nets[cue] = net.eval().requires_grad_(False)
-                with torch.no_grad():
-                    accuracy[cue] = (net(x[PROBE_TRAIN:]).argmax(1) == y[PROBE_TRAIN:]).float().mean().item()
-        _probes[size, seed, dims] = nets, accuracy
-    return _probes[size, seed, dims]
-
-
-def mirror_gap(images):
-    """Mean |x - flip(x)| over the vertical centre line (plane) of uint8 images (volumes), in [0, 1]."""
-    x = images.double() / 255
-    return (x - x.flip(-1)).abs().mean().item()
-
-
-@torch.no_grad()
-def precision_recall(real, fake, k=3, chunk=1000):
-    """Kynkaanniemi et al. 2019: precision is the share of fake features inside the k-NN ball of
-    some real one (k-th nearest other real feature), recall the share of real features inside
-    some fake one's. Low recall with high precision is mode dropping."""
-    def radii(f):  # distance to the k-th nearest other point (the 0 to itself comes first)
-        return torch.cat([torch.cdist(f[i:i + chunk], f).kthvalue(k + 1, dim=1).values for i in range(0, len(f), chunk)])
-
-    def inside(points, centres, r):
-        return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= r).any(dim=1)
-                          for i in range(0, len(points), chunk)]).double().mean().item()
-
-    real, fake = real.double(), fake.double()
-    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
-
-
-def object_masks(images):
-    """The two objects of synthetic-like images, uint8 (B, 3, S, S) -> left and right masks
-    (B, S, S), or of volumes (B, 3, S, S, S) -> (B, S, S, S): the pixels whose brightest channel
-    is above OBJECT_LEVEL, halfway between the brightest background (0.25) and the dimmest object
-    colour (brown at its lowest shade, 0.48), split at the vertical centre line (plane), which no
-    real object crosses."""
-    bright = images.amax(dim=1).float() / 255 > OBJECT_LEVEL  # (B, S, S[, S])
-    left = bright.clone()
-    left[..., images.shape[-1] // 2:] = False
-    return left, bright & ~left
-
-
-def attention_reach(beta, left, right, cover=0.5):
-    """Figure 5 as a number, per sample: for the query positions on one object, the share of
-    their attention (beta (B, N, M), query and key grids square, or cubic for volumes) that
-    falls on the mirror object, divided by that object's share of the image; averaged over the
-    queries, then over the two objects. 1 is attention spread uniformly, more is attention drawn
-    to the mirror object.
-
-    A query (key) cell's object share is the fraction of its pixels in the object mask; queries
-    count as on an object when that is at least `cover`. NaN where a sample has no such query or
-    an empty mirror object."""
-    dims = left.dim() - 1
-    side_q, side_k = (round(n ** (1 / dims)) for n in beta.shape[1:])
-    pool = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[dims]
-
-    def share(mask, side):  # (B, S, S[, S]) -> (B, side^dims), row-major like SelfAttention's flattening
-        return pool(mask[:, None].float(), side).flatten(1)
-
-    reach = []
-    for here, there in ((left, right), (right, left)):
-        queries = share(here, side_q) >= cover  # (B, N)
-        keys = share(there, side_k).to(beta.dtype)  # (B, M)
-        on_mirror = (beta @ keys[..., None]).squeeze(-1) / keys.mean(dim=1, keepdim=True)  # (B, N)
-        reach.append((on_mirror * queries).sum(dim=1) / queries.sum(dim=1))  # NaN for 0 / 0
-    return torch.stack(reach).float().nanmean(dim=0)  # (B,)
-
-
-@torch.no_grad()
-def synthetic_metrics(G, n, batch_size=50, device="cpu", seed=0, probe_seed=0):
-    """The measurements of a generator of synthetic images or volumes over n samples (z and labels from
-    latents(..., seed)): those of sample_metrics, and
-        reach    mean attention_reach of G's last attention layer over the samples where it is
-                 defined (None without attention, or when no sample has two objects)
-    G's train/eval mode is restored; the global random state is not touched."""
-    was_training = G.training
-    G.eval()
-    fakes, labels, reach = [], [], []
-    try:
-        for z, y in latents(G.cfg, n, batch_size, seed):
-            images, betas = G(z.to(device), y.to(device), return_attention=True)
-            fakes.append(quantize(images).cpu())
-            labels.append(y)
-            if betas:
-                reach.append(attention_reach(betas[-1].float().cpu(), *object_masks(fakes[-1])))
-    finally:
-        G.train(was_training)
-    reach = torch.cat(reach) if reach else torch.tensor([])
-    reach = reach[~reach.isnan()]
-    return {**sample_metrics(torch.cat(fakes), torch.cat(labels), probe_seed),
-            "reach": reach.mean().item() if len(reach) else None}
-
-
-@torch.no_grad()
-def sample_metrics(fake, labels, probe_seed=0):
-    """Measurements of n images uint8 (n, 3, S, S) (or volumes (n, 3, S, S, S)) meant to show
-    classes labels (n,), against the first n training images (volumes) of the synthetic data:
-        mirror_error       mean |x - flip(x)|, pixels in [0, 1] (real images: 0)
-        colour_fidelity    share of the images whose colour probe says the asked-for class
-        shape_fidelity     the same for the shape probe
-        fid_probe          Frechet distance in the two probes' features side by side (64-d)
-        precision, recall  Kynkaanniemi et al. (k = 3) in the same features
-    FID, precision and recall depend on n: compare them at equal n."""
-    size, dims = fake.shape[-1], fake.dim() - 2
-    nets, _ = probes(size, probe_seed, dims)
-    real = synthetic_images(size, 0, len(fake), dims)[0]
-
-    def features(images):
-        return torch.cat([torch.cat([nets[c].features(images[i:i + 500]) for c in nets], dim=1)
-                          for i in range(0, len(images), 500)])
-
-    f_real, f_fake = features(real), features(fake)
-    precision, recall = precision_recall(f_real, f_fake)
-    return {
-        "mirror_error": mirror_gap(fake),
-        "colour_fidelity": (nets["colour"](fake).argmax(1) == labels).double().mean().item(),
-        "shape_fidelity": (nets["shape"](fake).argmax(1) == labels).double().mean().item(),
-        "fid_probe": frechet_distance(*feature_stats(f_real), *feature_stats(f_fake)),
-        "precision": precision, "recall": recall,
-    }
-
-
-@torch.no_grad()
 def class_grid(G, classes, per_class, batch_size=64, device="cpu", seed=0):
     """Samples (rows * per_class, 3, S, S) in [0, 1] (volumes: (.., S, S, S)), one row per class. Every row uses the same
     z, so a column shows what the label alone changes. classes=None: per_class unconditional rows."""
@@ -862,6 +653,7 @@ def device_of(name):
 
 def evaluate(cfg):
     """Does what an EvalConfig asks; the module docstring lists the modes."""
+    import measures  # here, not at the top: measures.py imports this file
     for name, low in (("n", 1), ("batch_size", 1), ("k", 1), ("splits", 1), ("size", 1), ("synthetic_n", 10)):
         if getattr(cfg, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
@@ -883,16 +675,17 @@ def evaluate(cfg):
         if cfg.attention or cfg.grid:
             return _write_pictures(cfg, G, mcfg, device)
         if cfg.mirror:
-            error = mirror_error(G, cfg.n, cfg.batch_size, device, cfg.seed)
+            error = measures.mirror_error(G, cfg.n, cfg.batch_size, device, cfg.seed)
             return print(f"mirror error {error:.4f}: mean |x - flip(x)| over the mirror {'line' if mcfg.dims == 2 else 'plane'} "
                          f"of {cfg.n} samples, pixels in [0, 1] ({weights}, step {step})")
         if mcfg.dims != 2 and (source != "synthetic3d" or cfg.ref_stats or cfg.inception_weights):
             raise UserError("IS and FID are defined for images; this generator makes volumes: leave out "
                             "--ref-stats and --inception-weights for the exact measurements of synthetic3d")
         result.update(step=step, weights=weights, seed=cfg.seed)
-        if source in ("synthetic", "synthetic3d"):
-            result.update(synthetic_n=cfg.synthetic_n, **synthetic_metrics(G, cfg.synthetic_n, cfg.batch_size, device, cfg.seed))
-            print_synthetic(result, mcfg)
+        if source in measures.SOURCES:
+            result.update(synthetic_n=cfg.synthetic_n,
+                          **measures.synthetic_metrics(G, cfg.synthetic_n, cfg.batch_size, device, cfg.seed))
+            measures.print_measurements(result, mcfg)
             if mcfg.dims != 2:
                 return _write_result(cfg, result)
             if not (cfg.ref_stats or cfg.inception_weights):
@@ -924,19 +717,6 @@ def evaluate(cfg):
 def _write_result(cfg, result):
     if cfg.out:
         atomic_write(cfg.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
-
-
-def print_synthetic(r, mcfg):
-    _, accuracy = probes(mcfg.size, dims=mcfg.dims)
-    real = "images" if mcfg.dims == 2 else "volumes"
-    reach = "no attention layer" if r["reach"] is None else f"{r['reach']:.2f} (1 = uniform)"
-    print(f"synthetic-data measurements of {r['synthetic_n']} samples ({r['weights']}, step {r['step']}):\n"
-          f"  mirror error     {r['mirror_error']:.4f}   mean |x - flip(x)|, pixels in [0, 1]; real {real} 0\n"
-          f"  class fidelity   colour {r['colour_fidelity']:.3f}, shape {r['shape_fidelity']:.3f}   "
-          f"(the probes on held-out real {real}: {accuracy['colour']:.3f}, {accuracy['shape']:.3f})\n"
-          f"  FID (probes)     {r['fid_probe']:.2f}   against {r['synthetic_n']} training {real}, 64-d probe features\n"
-          f"  precision        {r['precision']:.3f}, recall {r['recall']:.3f}   (k = 3, same features)\n"
-          f"  attention reach  {reach}: attention on the mirror object over its share of the image")
 
 
 def main(argv=None):

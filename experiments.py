@@ -6,7 +6,7 @@
 
 Each command trains its arms, SEEDS seeds each, with train.py (the default run's model and
 steps unless --steps is given, at the paper's learning rates, PAPER_LR, or with --rates default
-at the default run's), with evaluate.synthetic_metrics logged every --eval-every steps over
+at the default run's), with measures.synthetic_metrics logged every --eval-every steps over
 --eval-n samples. The table of means and sample standard deviations over the seeds is printed and
 written to OUT/NAME.md. Runs live in OUT/ARM/seedK and are shared between tables; a finished run
 is reused and an interrupted one resumed, so a command can be run again at any time. --jobs runs

@@ -40,6 +40,7 @@ import benchmark
 import data
 import evaluate as ev
 import experiments
+import measures
 import train
 from data import UserError, make_dataset
 from sagan import (LAYERS, ConditionalBatchNorm, Discriminator, Generator, ModelConfig, ResidualControl,
@@ -1610,13 +1611,13 @@ class FixedGenerator(torch.nn.Module):
 
 def test_mirror_error_on_closed_forms(ckpt3d, capsys):
     d = make_dataset("synthetic3d", None, 16)
-    assert ev.mirror_error(FixedGenerator(torch.stack([d[i][0] for i in range(4)])), 4, batch_size=3) == 0.0
+    assert measures.mirror_error(FixedGenerator(torch.stack([d[i][0] for i in range(4)])), 4, batch_size=3) == 0.0
     halves = torch.full((4, 3, 16, 16, 16), -1.0)
     halves[..., 8:] = 1.0  # black left, white right: every voxel differs from its mirror by 1
-    assert ev.mirror_error(FixedGenerator(halves), 4) == 1.0
+    assert measures.mirror_error(FixedGenerator(halves), 4) == 1.0
     # A ramp over x, column j at j / 15 (exact bytes, 17 j): mean |2j - 15| / 15 = 128 / 240.
     ramp = (torch.arange(16.0) / 15 * 2 - 1).expand(4, 3, 16, 16, 16)
-    assert ev.mirror_error(FixedGenerator(ramp), 4) == pytest.approx(128 / 240, abs=1e-12)
+    assert measures.mirror_error(FixedGenerator(ramp), 4) == pytest.approx(128 / 240, abs=1e-12)
     assert ev.main(["--ckpt", ckpt3d, "--mirror", "--n", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("mirror error 0.") and "over the mirror plane of 3 samples" in out, out
@@ -1627,14 +1628,14 @@ def test_mirror_error_on_closed_forms(ckpt3d, capsys):
 @pytest.fixture(scope="module")
 def held_out():
     """500 synthetic images from indices neither the probes nor the reference use, and labels."""
-    return ev.synthetic_images(32, 200_000, 500)
+    return measures.synthetic_images(32, 200_000, 500)
 
 
 def test_synthetic_measurements_of_real_images(held_out):
     x, y = held_out
-    _, accuracy = ev.probes(32)
+    _, accuracy = measures.probes(32)
     assert min(accuracy.values()) > 0.97, accuracy  # on their own 1,000 held-out images
-    m = ev.sample_metrics(x, y)
+    m = measures.sample_metrics(x, y)
     assert m["mirror_error"] == 0.0
     assert m["colour_fidelity"] > 0.97 and m["shape_fidelity"] > 0.97, m
     assert m["fid_probe"] < 3 and m["precision"] > 0.85 and m["recall"] > 0.85, m
@@ -1642,45 +1643,45 @@ def test_synthetic_measurements_of_real_images(held_out):
 
 def test_synthetic_measurements_of_broken_samples(held_out):
     x, y = held_out
-    good = ev.sample_metrics(x, y)
+    good = measures.sample_metrics(x, y)
     half = x.clone()
     half[..., 16:] = 0  # the right half blanked: no mirror image
-    m = ev.sample_metrics(half, y)
+    m = measures.sample_metrics(half, y)
     assert m["mirror_error"] > 0.1 and m["fid_probe"] > 20 * good["fid_probe"] and m["recall"] < 0.6, m
     # Mode collapse: every sample shows class 3, whatever was asked for.
     threes = x[y == 3].repeat(20, 1, 1, 1)[:len(x)]
-    m = ev.sample_metrics(threes, y)
+    m = measures.sample_metrics(threes, y)
     assert m["mirror_error"] == 0.0 and abs(m["colour_fidelity"] - (y == 3).double().mean().item()) < 0.02, m
     assert m["shape_fidelity"] < 0.15 and m["recall"] < 0.3 and m["fid_probe"] > 20 * good["fid_probe"], m
 
 
 def test_the_shape_probe_does_not_see_colour(monkeypatch):
-    ev.probes(32)  # trained on the true colours first
+    measures.probes(32)  # trained on the true colours first
     monkeypatch.setattr(data, "COLOURS", np.roll(data.COLOURS, 1, axis=0))  # each shape in its neighbour's colour
-    x, y = ev.synthetic_images(32, 300_000, 300)
-    m = ev.sample_metrics(x, y)
+    x, y = measures.synthetic_images(32, 300_000, 300)
+    m = measures.sample_metrics(x, y)
     assert m["shape_fidelity"] > 0.95 and m["colour_fidelity"] < 0.05, m
 
 
 def test_object_masks_and_attention_reach_on_hand_made_maps(held_out):
-    left, right = ev.object_masks(held_out[0][:50])
+    left, right = measures.object_masks(held_out[0][:50])
     assert torch.equal(left, right.flip(-1)) and (left.sum(dim=(1, 2)) > 10).all()  # real objects: exact mirrors
     left = torch.zeros(1, 32, 32, dtype=torch.bool)
     left[0, 8:16, 4:12] = True  # an 8x8 object; its mirror covers 1/16 of the image
     right = left.flip(-1)
     N, M = 16 * 16, 8 * 8  # attention at 16x16, keys pooled to 8x8
     uniform = torch.full((1, N, M), 1 / M)
-    assert ev.attention_reach(uniform, left, right).item() == pytest.approx(1.0)
+    assert measures.attention_reach(uniform, left, right).item() == pytest.approx(1.0)
     keys = {side: F.adaptive_avg_pool2d(mask[:, None].float(), 8).flatten(1) for side, mask in (("l", left), ("r", right))}
     queries = {side: F.adaptive_avg_pool2d(mask[:, None].float(), 16).flatten(1)[0] > 0 for side, mask in (("l", left), ("r", right))}
     # Every query looks only at the other object: reach = 1 / its share of the image = 16.
     beta = uniform.clone()
     beta[0, queries["l"]], beta[0, queries["r"]] = keys["r"] / keys["r"].sum(), keys["l"] / keys["l"].sum()
-    assert ev.attention_reach(beta, left, right).item() == pytest.approx(16.0)
+    assert measures.attention_reach(beta, left, right).item() == pytest.approx(16.0)
     # Every query looks only at its own object: nothing reaches the mirror.
     beta[0, queries["l"]], beta[0, queries["r"]] = keys["l"] / keys["l"].sum(), keys["r"] / keys["r"].sum()
-    assert ev.attention_reach(beta, left, right).item() == 0.0
-    assert ev.attention_reach(uniform, left & False, right).isnan().all()  # no object: undefined
+    assert measures.attention_reach(beta, left, right).item() == 0.0
+    assert measures.attention_reach(uniform, left & False, right).isnan().all()  # no object: undefined
 
 
 def test_evaluate_measures_a_synthetic_checkpoint_offline(tmp_path, capsys):
@@ -1696,7 +1697,7 @@ def test_evaluate_measures_a_synthetic_checkpoint_offline(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert 0 < result["mirror_error"] < 1 and 0 <= result["shape_fidelity"] <= 1 and result["reach"] > 0, result
     G = ev.load_generator(str(path))[0]
-    assert result["fid_probe"] == ev.synthetic_metrics(G, 80)["fid_probe"]  # the API gives the same
+    assert result["fid_probe"] == measures.synthetic_metrics(G, 80)["fid_probe"]  # the API gives the same
     assert ev.main(["--ckpt", str(path), "--synthetic-n", "5"]) == 2
     assert "--synthetic-n must be at least 10" in capsys.readouterr().err
 
@@ -1705,32 +1706,32 @@ def test_evaluate_measures_a_synthetic_checkpoint_offline(tmp_path, capsys):
 def test_synthetic_measurements_of_volumes(tmp_path, capsys):
     """The same measurements on the 3-D synthetic data, with probes of 3-D convolutions: real
     volumes, a blanked half, one class for all, reach on hand-made maps, the offline command."""
-    _, accuracy = ev.probes(16, dims=3)
+    _, accuracy = measures.probes(16, dims=3)
     assert min(accuracy.values()) > 0.97, accuracy
-    x, y = ev.synthetic_images(16, 200_000, 300, dims=3)
-    good = ev.sample_metrics(x, y)
+    x, y = measures.synthetic_images(16, 200_000, 300, dims=3)
+    good = measures.sample_metrics(x, y)
     assert good["mirror_error"] == 0.0 and min(good["colour_fidelity"], good["shape_fidelity"]) > 0.95, good
     assert good["fid_probe"] < 10 and good["precision"] > 0.85 and good["recall"] > 0.85, good
     half = x.clone()
     half[..., 8:] = 0  # the half beyond the mirror plane blanked
-    m = ev.sample_metrics(half, y)
+    m = measures.sample_metrics(half, y)
     assert m["mirror_error"] > 0.1 and m["fid_probe"] > 20 * good["fid_probe"] and m["recall"] < 0.3, m
     threes = x[y == 3].repeat(20, 1, 1, 1, 1)[:len(x)]
-    m = ev.sample_metrics(threes, y)
+    m = measures.sample_metrics(threes, y)
     assert abs(m["colour_fidelity"] - (y == 3).double().mean().item()) < 0.02 and m["shape_fidelity"] < 0.15, m
-    left, right = ev.object_masks(x[:50])
+    left, right = measures.object_masks(x[:50])
     assert torch.equal(left, right.flip(-1)) and (left.sum(dim=(1, 2, 3)) > 10).all()
     # A 4^3 cube, one key cell of the 4^3 keys (attention at 8^3 queries): its mirror is 1/64 of the volume.
     left = torch.zeros(1, 16, 16, 16, dtype=torch.bool)
     left[0, 4:8, 4:8, 4:8] = True
     right = left.flip(-1)
     uniform = torch.full((1, 8 ** 3, 4 ** 3), 1 / 4 ** 3)
-    assert ev.attention_reach(uniform, left, right).item() == pytest.approx(1.0)
+    assert measures.attention_reach(uniform, left, right).item() == pytest.approx(1.0)
     beta = uniform.clone()
     on = lambda mask: F.adaptive_avg_pool3d(mask[:, None].float(), 8).flatten()[None, :, None] == 1  # (1, 512, 1)
     cell = lambda z, y, x: F.one_hot(torch.tensor(16 * z + 4 * y + x), 64).float()  # (z, y, x) on the key grid
     beta = torch.where(on(left), cell(1, 1, 2), torch.where(on(right), cell(1, 1, 1), beta))  # all on the mirror
-    assert ev.attention_reach(beta, left, right).item() == pytest.approx(64.0)
+    assert measures.attention_reach(beta, left, right).item() == pytest.approx(64.0)
     path = tmp_path / "ckpt.pt"
     make_checkpoint(path, attn=(8,), size=16, dims=3)
     ckpt = torch.load(path, weights_only=True)

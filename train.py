@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 from torchvision.utils import save_image
 
 import evaluate
+import measures
 from data import ArgumentParser, FolderLock, UserError, atomic_write, make_dataset, remove_stale
 from evaluate import CKPT_FORMAT, CKPT_VERSION, load_checkpoint
 from sagan import Discriminator, Generator, ModelConfig, d_hinge_loss, g_hinge_loss
@@ -682,14 +683,14 @@ class StopSignals:
 
 
 def make_evaluator(cfg, device):
-    """The measurements of --eval-every, through evaluate.py: a function of G returning a dict.
-    On the built-in synthetic images and volumes, the exact ones (evaluate.synthetic_metrics),
+    """The measurements of --eval-every: a function of G returning a dict. On the built-in
+    synthetic images and volumes, the exact ones (measures.synthetic_metrics),
     offline; IS (and FID with --ref-stats) on other data, and on synthetic data too when --ref-stats or
     --inception-weights asks for them. Without the Inception weights, one warning, and None when
     nothing is left to measure. A bad statistics file is an error before training starts, not
     after hours."""
     ref = evaluate.load_stats(cfg.ref_stats) if cfg.ref_stats else None
-    synthetic = cfg.data in ("synthetic", "synthetic3d")
+    synthetic = cfg.data in measures.SOURCES
     inception = None
     if not synthetic or cfg.ref_stats or cfg.inception_weights:  # never for volumes: check_config refuses these
         try:
@@ -700,7 +701,7 @@ def make_evaluator(cfg, device):
                 return None
 
     def evaluator(G):
-        out = evaluate.synthetic_metrics(G, cfg.eval_n, device=device) if synthetic else {}
+        out = measures.synthetic_metrics(G, cfg.eval_n, device=device) if synthetic else {}
         if inception is not None:
             out.update(evaluate.compute_metrics(G, inception, cfg.eval_n, ref, device=device, progress=False))
         return out

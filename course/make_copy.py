@@ -27,8 +27,8 @@ ROOT = os.path.dirname(COURSE)
 # What a student gets: every file of the project but the teaching kit (a test checks that every
 # top-level module and document is here, so that a new one is not forgotten).
 PROJECT_FILES = (".ci/gpu-check", ".ci/run", ".gitignore", "LICENSE", "README.md", "benchmark.py", "data.py",
-                 "evaluate.py", "experiments.py", "pytest.ini", "requirements.txt", "sagan.py", "samples.png",
-                 "samples3d.png", "test_sagan.py", "train.py")
+                 "evaluate.py", "experiments.py", "measures.py", "pytest.ini", "requirements.txt", "sagan.py",
+                 "samples.png", "samples3d.png", "test_sagan.py", "train.py")
 
 
 class UserError(Exception):
