@@ -1655,6 +1655,23 @@ def test_synthetic_measurements_of_broken_samples(held_out):
     assert m["shape_fidelity"] < 0.15 and m["recall"] < 0.3 and m["fid_probe"] > 20 * good["fid_probe"], m
 
 
+def test_the_probes_do_not_depend_on_the_thread_count(monkeypatch):
+    # Trained on 2 threads or on 1, the same weights to the bit, and the caller's threads restored.
+    monkeypatch.setattr(measures, "PROBE_STEPS", 20)
+    weights = []
+    for threads in (2, 1):
+        monkeypatch.setattr(measures, "_probes", {})
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            nets, _ = measures.probes(16, seed=5)
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(before)
+        weights.append(torch.cat([p.flatten() for c in ("colour", "shape") for p in nets[c].parameters()]))
+    assert torch.equal(*weights)
+
+
 def test_the_shape_probe_does_not_see_colour(monkeypatch):
     measures.probes(32)  # trained on the true colours first
     monkeypatch.setattr(data, "COLOURS", np.roll(data.COLOURS, 1, axis=0))  # each shape in its neighbour's colour
