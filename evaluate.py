@@ -585,6 +585,7 @@ class EvalConfig:
     classes: str = _arg("", 'classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)')
     mirror: bool = _arg(False, "print the mirror error of --n samples: mean |x - flip(x)|, pixels in [0, 1]")
     synthetic_n: int = _arg(1000, "samples for the measurements of a generator trained on --data synthetic(3d)")
+    probe_seed: int = _arg(0, "seed of the probes of those measurements (another seed: how far to trust them)")
 
 
 def build_parser():
@@ -683,8 +684,8 @@ def evaluate(cfg):
                             "--ref-stats and --inception-weights for the exact measurements of synthetic3d")
         result.update(step=step, weights=weights, seed=cfg.seed)
         if source in measures.SOURCES:
-            result.update(synthetic_n=cfg.synthetic_n,
-                          **measures.synthetic_metrics(G, cfg.synthetic_n, cfg.batch_size, device, cfg.seed))
+            result.update(synthetic_n=cfg.synthetic_n, probe_seed=cfg.probe_seed,
+                          **measures.synthetic_metrics(G, cfg.synthetic_n, cfg.batch_size, device, cfg.seed, cfg.probe_seed))
             measures.print_measurements(result, mcfg)
             if mcfg.dims != 2:
                 return _write_result(cfg, result)

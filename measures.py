@@ -247,13 +247,13 @@ def sample_metrics(fake, labels, probe_seed=0):
 
 def print_measurements(r, mcfg):
     """Prints the result of synthetic_metrics for evaluate.py's command line."""
-    _, accuracy = probes(mcfg.size, dims=mcfg.dims)
+    _, accuracy = probes(mcfg.size, r["probe_seed"], mcfg.dims)
     real = "images" if mcfg.dims == 2 else "volumes"
     reach = "no attention layer" if r["reach"] is None else f"{r['reach']:.2f} (1 = uniform)"
     print(f"synthetic-data measurements of {r['synthetic_n']} samples ({r['weights']}, step {r['step']}):\n"
           f"  mirror error     {r['mirror_error']:.4f}   mean |x - flip(x)|, pixels in [0, 1]; real {real} 0\n"
           f"  class fidelity   colour {r['colour_fidelity']:.3f}, shape {r['shape_fidelity']:.3f}   "
-          f"(the probes on held-out real {real}: {accuracy['colour']:.3f}, {accuracy['shape']:.3f})\n"
+          f"(the probes of seed {r['probe_seed']} on held-out real {real}: {accuracy['colour']:.3f}, {accuracy['shape']:.3f})\n"
           f"  FID (probes)     {r['fid_probe']:.2f}   against {r['synthetic_n']} training {real}, 64-d probe features\n"
           f"  precision        {r['precision']:.3f}, recall {r['recall']:.3f}   (k = 3, same features)\n"
           f"  attention reach  {reach}: attention on the mirror object over its share of the image")

@@ -1701,7 +1701,7 @@ def test_object_masks_and_attention_reach_on_hand_made_maps(held_out):
     assert measures.attention_reach(uniform, left & False, right).isnan().all()  # no object: undefined
 
 
-def test_evaluate_measures_a_synthetic_checkpoint_offline(tmp_path, capsys):
+def test_evaluate_measures_a_synthetic_checkpoint_offline(tmp_path, capsys, monkeypatch):
     path = tmp_path / "ckpt.pt"
     make_checkpoint(path, n_classes=10)
     ckpt = torch.load(path, weights_only=True)
@@ -1717,6 +1717,14 @@ def test_evaluate_measures_a_synthetic_checkpoint_offline(tmp_path, capsys):
     assert result["fid_probe"] == measures.synthetic_metrics(G, 80)["fid_probe"]  # the API gives the same
     assert ev.main(["--ckpt", str(path), "--synthetic-n", "5"]) == 2
     assert "--synthetic-n must be at least 10" in capsys.readouterr().err
+    # Probes of another seed (trained briefly here): other features, the seed said and recorded.
+    monkeypatch.setattr(measures, "PROBE_STEPS", 20)
+    monkeypatch.setattr(measures, "_probes", {})
+    assert ev.main(["--ckpt", str(path), "--synthetic-n", "80", "--probe-seed", "1", "--out", str(out)]) == 0
+    assert "the probes of seed 1 on held-out real images" in capsys.readouterr().out
+    other = json.loads(out.read_text())
+    assert other["probe_seed"] == 1 and result["probe_seed"] == 0
+    assert other["fid_probe"] == measures.synthetic_metrics(G, 80, probe_seed=1)["fid_probe"] != result["fid_probe"]
 
 
 @pytest.mark.slow  # trains the two 3-D probes
