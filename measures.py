@@ -13,6 +13,8 @@ measured where no natural-image metric reaches:
     reach            does G's attention reach the mirror object? (Figure 5 as a number)
 
 Volumes (a generator trained with --dims 3) get the same measurements, with 3-D probes.
+The probes are small and briefly trained, so samples far from real ones lie where probes of
+another seed (evaluate.py --probe-seed) may judge them otherwise: the README gives the spread.
 This file builds on evaluate.py (samples, the Frechet distance); evaluate.py's command line
 calls it for synthetic checkpoints.
 """
@@ -99,8 +101,8 @@ def probes(size, seed=0, dims=2):
 
     They are trained on one thread, whatever the machine: a convolution's backward rounds
     differently with the thread count, and 200 Adam steps carry that into weights that judge poor
-    samples very differently (a 3-D run's shape fidelity read 0.36 with probes trained on one
-    thread, 0.18 with probes trained on two)."""
+    samples very differently (two default 3-D runs' shape fidelity read 0.30 and 0.18 with probes
+    trained on one thread, 0.26 and 0.25 with probes trained on two: README, 3-D)."""
     if (size, seed, dims) not in _probes:
         x, y = synthetic_images(size, 10 ** 6, PROBE_TRAIN + PROBE_TEST, dims)
         nets, accuracy = {}, {}
