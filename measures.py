@@ -101,8 +101,8 @@ def probes(size, seed=0, dims=2):
 
     They are trained on one thread, whatever the machine: a convolution's backward rounds
     differently with the thread count, and 200 Adam steps carry that into weights that judge poor
-    samples very differently (two default 3-D runs' shape fidelity read 0.30 and 0.18 with probes
-    trained on one thread, 0.26 and 0.25 with probes trained on two: README, 3-D)."""
+    samples very differently (two default 3-D runs' shape fidelity read 0.301 and 0.182 with
+    probes trained on one thread, 0.255 and 0.245 with probes trained on two: README, 3-D)."""
     if (size, seed, dims) not in _probes:
         x, y = synthetic_images(size, 10 ** 6, PROBE_TRAIN + PROBE_TEST, dims)
         nets, accuracy = {}, {}
