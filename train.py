@@ -684,8 +684,8 @@ class StopSignals:
 
 def make_evaluator(cfg, device):
     """The measurements of --eval-every: a function of G returning a dict. On the built-in
-    synthetic images and volumes, the exact ones (measures.synthetic_metrics),
-    offline; IS (and FID with --ref-stats) on other data, and on synthetic data too when --ref-stats or
+    synthetic images and volumes, the exact ones (measures.synthetic_metrics), offline; IS (and
+    FID with --ref-stats) on other data, and on synthetic data too when --ref-stats or
     --inception-weights asks for them. Without the Inception weights, one warning, and None when
     nothing is left to measure. A bad statistics file is an error before training starts, not
     after hours."""
