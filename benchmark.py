@@ -39,21 +39,21 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from torch.profiler import ProfilerActivity, profile
 
-from data import UserError, make_dataset
-from evaluate import FIDInception, device_of, frechet_distance, inception_outputs, load_inception
+from data import SOURCES, make_dataset
+from evaluate import FIDInception, frechet_distance, inception_outputs, load_inception
+from runs import UserError, at_least, command, resolve_device, setup_processes
 from sagan import SelfAttention
-from train import GAN, TrainConfig, check_config, device_batches, opt, parse_config, setup_processes, use_bf16
+from train import GAN, TrainConfig, check_config, device_batches, parse_config, use_bf16
 
 
 @dataclass
 class BenchConfig(TrainConfig):
-    variants: str = opt("default", "side by side, e.g. default,fp32,channels_last,bf16,compile,explicit_attn,loader,real_data")
-    iters: int = opt(10, "timed iterations per variant and round (with --metrics: timed Inception batches)")
-    rounds: int = opt(1, "repeat the variants, interleaved; the median is reported")
-    profile: bool = opt(False, "also print the operators that take most of one iteration's time")
-    attention: str = opt("", "B,C,H,W or B,C,D,H,W: time one attention block's forward + backward, fused vs explicit")
-    metrics: bool = opt(False, "time Inception features on random --size images and the Frechet distance at "
-                               "d = 2048 (random weights unless --inception-weights)")
+    variants: str = "default"  # side by side, e.g. default,fp32,channels_last,bf16,compile,explicit_attn,loader,real_data
+    iters: int = 10  # timed iterations per variant and round (with --metrics: timed Inception batches)
+    rounds: int = 1  # repeat the variants, interleaved; the median is reported
+    profile: bool = False  # also print the operators that take most of one iteration's time
+    attention: str = ""  # B,C,H,W or B,C,D,H,W: one attention block's forward and backward, fused and explicit
+    metrics: bool = False  # time the Inception features of random --size images and the Frechet distance at d = 2048
 
 VARIANTS = {  # amp (bf16 autocast), channels_last, compile, fused attention
     "fp32": (False, False, False, True),
@@ -101,7 +101,7 @@ def next_batch_sum(batches):
     return next(batches)[0].sum()  # something to wait for, as an iteration's stats
 
 
-def model_flops(cfg, mcfg, n=2):
+def model_flops(cfg, n=2):
     """FLOPs of one training iteration at cfg.batch_size, the same for every variant.
 
     torch.utils.flop_counter counts the convolutions and matrix products (elementwise work, batch
@@ -111,15 +111,15 @@ def model_flops(cfg, mcfg, n=2):
     Every counted operator is linear in the batch, so the count is scaled to the full batch.
     """
     small = dataclasses.replace(cfg, batch_size=n, accum=1, compile=False)
-    gan = GAN(small, mcfg, torch.device("cpu"), fused_attention=False)
-    x = torch.rand(n, 3, *(mcfg.size,) * mcfg.dims) * 2 - 1
-    y = torch.randint(0, max(mcfg.n_classes, 1), (n,))
+    gan = GAN(small, torch.device("cpu"), fused_attention=False)
+    x = torch.rand(n, 3, *(cfg.model.size,) * cfg.model.dims) * 2 - 1
+    y = torch.randint(0, max(cfg.model.n_classes, 1), (n,))
     with FlopCounterMode(display=False) as counter:
         gan.iteration(itertools.repeat((x, y)))
     return counter.get_total_flops() * cfg.batch_size / n
 
 
-def time_variant(cfg, mcfg, device, spec, batches, loader_only):
+def time_variant(cfg, device, spec, batches, loader_only):
     """Builds the variant's GAN, warms it up, times cfg.iters iterations.
     Returns (seconds per iteration, peak bytes)."""
     amp, channels_last, compiled, fused = spec
@@ -128,7 +128,7 @@ def time_variant(cfg, mcfg, device, spec, batches, loader_only):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
-        gan = GAN(dataclasses.replace(cfg, compile=compiled), mcfg, device, amp=amp,
+        gan = GAN(dataclasses.replace(cfg, compile=compiled), device, amp=amp,
                   channels_last=channels_last, fused_attention=fused)
         batches = batches(gan.memory_format)
         step = functools.partial(next_batch_sum if loader_only else gan.iteration, batches)
@@ -166,30 +166,30 @@ def profile_iteration(gan, batches, device, label, top=12):
 
 def benchmark(cfg, variants=None):
     """Time cfg.iters iterations per variant, rounds interleaved; returns one row each."""
-    device, _, _ = setup_processes(cfg)
+    device, _, _ = setup_processes(cfg.device)
     variants = variants or [v for v in cfg.variants.split(",") if v]
     check_config(cfg, needs_data=bool({"loader", "real_data"} & set(variants)))  # else random data
     cuda = device.type == "cuda"
-    n_classes = {"synthetic": 10, "synthetic3d": 10, "cifar10": 10}.get(cfg.data, 1000)
-    mcfg = dataclasses.replace(cfg.model, n_classes=n_classes)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_classes=SOURCES[cfg.data].classes or 1000))
+    model = cfg.model
     # "default" is what train.py would run with these flags (--precision, --channels-last, --compile).
     table = {**VARIANTS, "default": (use_bf16(cfg, device), cfg.channels_last, cfg.compile, True)}
     unknown = [v for v in variants if v not in table]
     if unknown:
         raise UserError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(table)}")
     B = cfg.batch_size // cfg.accum
-    x = torch.rand(B, 3, *(mcfg.size,) * mcfg.dims, device=device) * 2 - 1
-    y = torch.randint(0, max(n_classes, 1), (B,), device=device)
+    x = torch.rand(B, 3, *(model.size,) * model.dims, device=device) * 2 - 1
+    y = torch.randint(0, model.n_classes, (B,), device=device)
     dataset = None
     if {"loader", "real_data"} & set(variants):
-        dataset = make_dataset(cfg.data, cfg.data_root or None, mcfg.size, dims=mcfg.dims)
+        dataset = make_dataset(cfg.data, cfg.data_root or None, model.size, dims=model.dims)
 
     def batches_for(name):
         if table[name] is None:  # the real loader
             return lambda fmt: device_batches(dataset, cfg, 0, device, fmt)
         return lambda fmt: itertools.repeat((x.contiguous(memory_format=fmt), y))
 
-    flops = model_flops(cfg, mcfg) if set(variants) - {"loader"} else None
+    flops = model_flops(cfg) if set(variants) - {"loader"} else None
     times, peaks, oom = {v: [] for v in variants}, {v: [] for v in variants}, set()
     for _ in range(cfg.rounds):
         for name in variants:
@@ -197,7 +197,7 @@ def benchmark(cfg, variants=None):
                 continue
             spec = table[name] or table["default"]
             try:
-                sec, peak = time_variant(cfg, mcfg, device, spec, batches_for(name), name == "loader")
+                sec, peak = time_variant(cfg, device, spec, batches_for(name), name == "loader")
             except torch.cuda.OutOfMemoryError:
                 oom.add(name)
             else:
@@ -221,7 +221,7 @@ def benchmark(cfg, variants=None):
     # On CUDA, "fp32" is PyTorch's default: convolutions may use TF32 tensor cores, matmuls not.
     where = f"{torch.cuda.get_device_name(device)} (TF32 convolutions {torch.backends.cudnn.allow_tf32}, " \
         f"matmuls {torch.backends.cuda.matmul.allow_tf32})" if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"benchmark: size {mcfg.size}{'^3' if mcfg.dims == 3 else ''}, ch {mcfg.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {mcfg.attn}, "
+    print(f"benchmark: size {model.size}{'^3' if model.dims == 3 else ''}, ch {model.ch}, batch {cfg.batch_size} (accum {cfg.accum}), attn {model.attn}, "
           f"{where}, torch {torch.__version__}, {cfg.iters} iterations x {cfg.rounds} rounds, "
           f"{(flops or 0) / 1e12:.3f} TFLOP per iteration; peak memory is {'CUDA max allocated' if cuda else 'RSS growth'}")
     print(f"{'variant':<14} {'ms/iter':>9} {'images/s':>9} {'peak MB':>9} {'TFLOP/s':>8} {'MFU':>6}")
@@ -237,7 +237,7 @@ def benchmark(cfg, variants=None):
         if name is None:
             raise UserError("--profile needs a variant that trains and fits in memory")
         amp, channels_last, compiled, fused = table[name] or table["default"]
-        gan = GAN(dataclasses.replace(cfg, compile=compiled), mcfg, device, amp=amp,
+        gan = GAN(dataclasses.replace(cfg, compile=compiled), device, amp=amp,
                   channels_last=channels_last, fused_attention=fused)
         profile_iteration(gan, batches_for(name)(gan.memory_format), device, name)
     return rows
@@ -255,8 +255,7 @@ def available_memory(device):
 
 
 # The explicit path's peak holds about four (B, N, M) fp32 tensors: beta, kept for the backward,
-# its gradient, the scores' gradient and softmax's temporary (measured on the CPU: 4.0x the
-# score matrix at 32^3, 4.3x at 16^3).
+# its gradient, the scores' gradient and softmax's temporary.
 EXPLICIT_COPIES = 4
 
 
@@ -264,7 +263,7 @@ def benchmark_attention(cfg):
     """Forward + backward of one SelfAttention block on (B, C, [D,] H, W), fused and explicit,
     rounds interleaved. The explicit path is left out, with the arithmetic, when EXPLICIT_COPIES
     score matrices (B, N, M) would not fit in the memory available."""
-    device, _, _ = setup_processes(cfg)
+    device, _, _ = setup_processes(cfg.device)
     try:
         B, C, *spatial = (int(v) for v in cfg.attention.split(","))
         if len(spatial) not in (2, 3) or min(B, *spatial) < 1 or C < 8:
@@ -310,7 +309,7 @@ def benchmark_attention(cfg):
 def metrics_speed(cfg):
     """--metrics: Inception feature throughput (images/s; it does not depend on the weights, so
     random ones do where the real file is missing) and the time of one frechet_distance at d = 2048."""
-    device = device_of(cfg.device)
+    device = resolve_device(cfg.device)
     net = load_inception(cfg.inception_weights, device) if cfg.inception_weights else FIDInception().eval().to(device)
     size = cfg.model.size
     images = torch.randint(0, 256, (cfg.batch_size, 3, size, size), dtype=torch.uint8, device=device)
@@ -327,29 +326,26 @@ def metrics_speed(cfg):
         frechet_distance(*stats[0], *stats[1])
         seconds.append(time.perf_counter() - start)
     seconds = sorted(seconds[1:])[1]
-    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"Inception features: {rate:.1f} images/s ({size}x{size} uint8 -> 299, batch {cfg.batch_size}, "
           f"fp32 without TF32, {where}, torch {torch.__version__})")
     print(f"frechet_distance at d = 2048: {seconds:.2f} s (float64, CPU, the median of 3 calls after one)")
     return rate, seconds
 
 
+def run(argv):
+    cfg, _ = parse_config(argv, BenchConfig)
+    at_least(cfg, 1, "iters", "rounds", "batch_size")
+    if cfg.attention:
+        benchmark_attention(cfg)
+    elif cfg.metrics:
+        metrics_speed(cfg)
+    else:
+        benchmark(cfg)
+
+
 def main(argv=None):
-    try:
-        cfg, _ = parse_config(argv, BenchConfig)
-        for name in ("iters", "rounds", "batch_size"):
-            if getattr(cfg, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-        if cfg.attention:
-            benchmark_attention(cfg)
-        elif cfg.metrics:
-            metrics_speed(cfg)
-        else:
-            benchmark(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return command(run, argv)
 
 
 if __name__ == "__main__":

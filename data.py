@@ -1,10 +1,12 @@
-"""Training data for SAGAN: a built-in synthetic set (of images, and of volumes), CIFAR-10,
-ImageNet, any image folder, and a prepared memory-mapped copy of any of the image sources.
+"""Training data for SAGAN: the built-in synthetic images (and volumes), CIFAR-10, ImageNet, any
+image folder, and a prepared memory-mapped copy of any source of images.
 
-Every dataset yields (image, label): image a float32 tensor (3, size, size) in [-1, 1], label an
-int (0 when unconditional); `dataset.n_classes` is 0 for unconditional data. The one source of
-volumes, synthetic3d, yields (3, size, size, size) tensors instead (`dataset.dims` is 3). Build
-one with `make_dataset(source, root, size)`.
+SOURCES, below, is the one table of the data sources: what each holds and needs. Every dataset
+yields (image, label): image a float32 tensor (3, size, size) in [-1, 1], label an int (0 when
+unconditional); `dataset.n_classes` is 0 for unconditional data. The one source of volumes,
+synthetic3d, yields (3, size, size, size) tensors instead (`dataset.dims` is 3). Build one with
+`make_dataset(source, root, size)`; `EndlessBatches` orders a training run's batches so that a
+resumed run reads exactly what an uninterrupted one would have.
 
 Preprocessing follows the reference runs (BigGAN-PyTorch's ImageNet loader, used by its SA-GAN
 script): centre crop to a square on the short side, antialiased bilinear resize to `size`, scale to
@@ -14,13 +16,9 @@ to 8-bit RGB explicitly (Pillow's own conversion saturates 16-bit images to whit
 images are composited on white; non-image files are skipped when the folder is scanned and
 unreadable images when they are loaded (with a warning; the next readable image stands in), never
 a crash mid-epoch. `dataset.skipped` lists them as (path, reason) and `dataset.summary` says it in
-one line, counting skips made inside DataLoader workers too.
-
-Folders are scanned for regular image files only (a FIFO or a device named like an image is
-skipped, not opened) and each directory is read once, so a symbolic link loop cannot duplicate
-images. The end of this file holds the project's file safety, which training and evaluation use
-too: atomic writes (a crash or a full disk never leaves half a file) and a lock that gives a
-folder to one process at a time.
+one line, counting skips made inside DataLoader workers too. Folders are scanned for regular image
+files only (a FIFO or a device named like an image is skipped, not opened) and each directory is
+read once, so a symbolic link loop cannot duplicate images.
 
 Reading JPEGs bounds a GPU run, so `python data.py prepare ...` decodes and resizes a source once
 into a uint8 array that training reads through a memory map:
@@ -29,42 +27,47 @@ into a uint8 array that training reads through a memory map:
                      "count", "skipped": the summary line}
 """
 
-import argparse
-import errno
-import fcntl
-import glob
 import json
 import os
-import re
 import sys
-import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-SOURCES = ("synthetic", "synthetic3d", "cifar10", "imagenet", "folder", "prepared")
-PREPARABLE = ("synthetic", "cifar10", "imagenet", "folder")  # the sources of images: prepare's input
+from runs import FolderLock, Progress, UserError, atomic_write, command, fsync_folder, make_config, parse_flags, \
+    remove_stale, remove_tree
+
+
+class Source(NamedTuple):
+    dims: int  # 2: images (3, S, S); 3: volumes (3, S, S, S)
+    classes: Optional[int]  # known in advance, or None: the data says (class folders, meta.json)
+    root: str  # the --data-root it needs: "required", "optional" (a default folder) or "none"
+    synthetic: bool  # drawn by a known program: measures.py measures its generators exactly
+
+
+SOURCES = {
+    "synthetic": Source(2, 10, "none", True),  # built in: coloured shapes and their mirror images
+    "synthetic3d": Source(3, 10, "none", True),  # built in: coloured solids and their mirror images
+    "cifar10": Source(2, 10, "optional", False),  # torchvision's CIFAR-10 training set, downloaded to ./data
+    "imagenet": Source(2, None, "required", False),  # an ImageNet-style train folder, a subfolder per class
+    "folder": Source(2, None, "required", False),  # any folder of images; class subfolders give labels
+    "prepared": Source(2, None, "required", False),  # the arrays `python data.py prepare` writes
+}
+PREPARABLE = [name for name, s in SOURCES.items() if s.dims == 2 and name != "prepared"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif",
                     ".tiff", ".webp")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-class UserError(Exception):
-    """A mistake in the command line or in the files it names (data, checkpoints, statistics):
-    the scripts print it as one line starting with "error:" and exit with code 2. The one error
-    type of the project, defined here at the bottom of the imports (sagan.py raises ValueError)."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """The scripts' parser: a malformed command line is a UserError like any other mistake, one
-    line instead of argparse's usage block."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
+def default_source(dims):
+    """The built-in data of the model's dimensionality: synthetic, or synthetic3d for volumes."""
+    return next((name for name, s in SOURCES.items() if s.synthetic and s.dims == dims), "synthetic")
 
 
 class ImageSet(Dataset):
@@ -83,7 +86,7 @@ class ImageSet(Dataset):
 
     def __getitem__(self, index):
         pixels, label = self.pixels(int(index))
-        # Channels first, made contiguous before the arithmetic (on a volume's strides it is ~4x slower).
+        # Channels first, made contiguous before the arithmetic, which is slow on permuted strides.
         x = torch.from_numpy(np.array(pixels)).movedim(-1, 0).contiguous().float()  # (3, S, S[, S]) in [0, 255]
         x = x.div_(127.5).sub_(1.0)
         # Global torch RNG: each DataLoader worker gets its own seed from the loader.
@@ -192,13 +195,12 @@ class Synthetic(ImageSet):
 
     The mirror is the point: the two objects are about half the image apart and must agree in
     shape, colour, size and height, which a convolution sees only after many layers and a
-    self-attention layer sees at once. At 32x32 one image takes about 0.1 ms to draw.
+    self-attention layer sees at once.
 
     With dims = 3 (the synthetic3d source) item i is a volume (3, S, S, S), indexed (z, y, x), with
     two copies of a solid (red ball, orange cube, yellow octahedron, green torus, cyan cross of three
     bars, blue upright cylinder, purple cone, pink pair of horizontal plates, white square frame,
-    brown x) mirrored about the centre plane x = 0, at the same height and depth. A 16^3 volume
-    takes about 0.3 ms to draw.
+    brown x) mirrored about the centre plane x = 0, at the same height and depth.
     """
 
     n_classes = 10
@@ -465,16 +467,16 @@ def make_dataset(source, root, size, flip=False, length=None, dims=None):
         raise UserError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
     if not isinstance(size, int) or size < 1:
         raise UserError(f"image size must be a positive integer, got {size!r}")
-    synthetic = {"synthetic": 2, "synthetic3d": 3}
-    if dims is not None and dims != synthetic.get(source, 2):
-        raise UserError(f"{source} data is {synthetic.get(source, 2)}-D and the model {dims}-D (--dims {dims}); "
-                        f"the one source of volumes is synthetic3d")
-    if length is not None and source not in synthetic:
+    kind = SOURCES[source]
+    if dims is not None and dims != kind.dims:
+        raise UserError(f"{source} data is {kind.dims}-D and the model {dims}-D (--dims {dims}); "
+                        f"the one source of volumes is {default_source(3)}")
+    if length is not None and not kind.synthetic:
         raise UserError(f"a length only applies to synthetic data, not to {source}")
     if length is not None and length < 1:
         raise UserError(f"the synthetic length must be positive, got {length}")
-    if source in synthetic:
-        return Synthetic(size, flip, 50_000 if length is None else length, synthetic[source])
+    if kind.synthetic:
+        return Synthetic(size, flip, 50_000 if length is None else length, kind.dims)
     if source == "cifar10":
         return Cifar10(root or "./data", size, flip)
     if not root:
@@ -482,6 +484,30 @@ def make_dataset(source, root, size, flip=False, length=None, dims=None):
     if source == "prepared":
         return Prepared(root, size, flip)
     return ImageFolder(root, size, flip, require_classes=source == "imagenet")
+
+
+class EndlessBatches(torch.utils.data.Sampler):
+    """Shuffled batches of indices, epoch after epoch, starting at any batch number.
+
+    Like torch's DistributedSampler (with drop_last), each global batch is split between the
+    processes; unlike it, the position is a pure function of the batch number, so a resumed run
+    reads exactly the batches an uninterrupted one would have read, also in mid-epoch.
+    """
+
+    def __init__(self, n, batch, seed, start=0, rank=0, world=1):
+        self.n, self.batch, self.seed, self.start, self.rank, self.world = n, batch, seed, start, rank, world
+        self.per_epoch = n // (batch * world)
+        if self.per_epoch == 0:
+            raise UserError(f"the dataset has {n} images, fewer than one batch of {batch * world}")
+
+    def __iter__(self):
+        epoch, i = divmod(self.start, self.per_epoch)
+        while True:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for i in range(i, self.per_epoch):
+                first = (i * self.world + self.rank) * self.batch
+                yield perm[first:first + self.batch].tolist()
+            epoch, i = epoch + 1, 0
 
 
 # --- prepare ------------------------------------------------------------------------------------
@@ -528,17 +554,13 @@ def prepare(source, root, size, out, workers=4, length=None, batch_size=256, log
                 os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
             labels = np.zeros(len(dataset), dtype=np.int64)
             loader = DataLoader(_Pixels(dataset), batch_size=batch_size, num_workers=workers)
-            done, start, last = 0, time.time(), 0.0
+            done, progress = 0, Progress(len(dataset))
             for x, y in loader:  # (B, S, S, 3) uint8, (B,)
                 images[done:done + len(x)] = x.numpy()
                 labels[done:done + len(x)] = y.numpy()
                 done += len(x)
-                now = time.time()
-                if now - last >= 2 or done == len(dataset):
-                    last, rate = now, done / max(now - start, 1e-9)
-                    eta = int((len(dataset) - done) / rate)
-                    eta = f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
-                    print(f"prepare {done}/{len(dataset)}  {rate:.0f} images/s  ETA {eta}", file=log)
+                if progress.due(done):
+                    print(f"prepare {progress.line(done)}", file=log)
             images.flush()
             del images
             meta = {"format": "sagan-prepared", "version": 1, "source": source, "size": size,
@@ -557,120 +579,33 @@ def prepare(source, root, size, out, workers=4, length=None, batch_size=256, log
     return dataset
 
 
-# --- File safety: atomic writes, one process per folder ---------------------------------------
-
-def fsync_folder(folder):
-    """Make renames inside `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write):
-    """Write a file whole or not at all: write(f) fills a temporary file beside `path` (opened
-    "wb"), which is flushed, fsynced and renamed over `path`. A crash, a kill or a full disk at any
-    moment leaves the previous file as it was. A failure raises OSError, after the temporary file
-    is removed; torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected
-    pos ..."), which becomes an OSError here."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_folder(os.path.dirname(os.path.abspath(path)))
-    except RuntimeError as err:
-        raise OSError(errno.EIO, f"{str(err).strip().splitlines()[0][:120]} (a full disk?)") from None
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_stale(folder):
-    """Remove the temporary files ("NAME.tmp<pid>") and staging folders (".staging<pid>") in
-    `folder` whose writing process is gone; those of a living process are left alone."""
-    for name in os.listdir(folder):
-        match = re.fullmatch(r".+\.tmp(\d+)|\.staging(\d+)", name)
-        pid = int(next(g for g in match.groups() if g)) if match else None
-        if pid is not None and pid != os.getpid() and not _alive(pid):
-            remove_tree(Path(folder, name))
-
-
-def remove_tree(path):
-    path = Path(path)
-    if path.is_dir() and not path.is_symlink():
-        for child in path.iterdir():
-            remove_tree(child)
-        path.rmdir()
-    elif os.path.lexists(path):
-        path.unlink()
-
-
-class FolderLock:
-    """`with FolderLock(folder, "training"):` gives the folder to this process alone. It holds
-    fcntl.flock on folder/.lock, which the operating system releases when the process ends,
-    however it ends; a second process is refused at once, in one line naming the first."""
-
-    def __init__(self, folder, what):
-        self.path, self.what = os.path.join(folder, ".lock"), what
-
-    def __enter__(self):
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise UserError(f"cannot write to {os.path.dirname(self.path)}: {err.strerror or err}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            raise UserError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it to end "
-                            f"or choose another folder") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{self.what} (pid {os.getpid()})".encode(), 0)
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)  # releases the lock
+@dataclass
+class PrepareConfig:
+    data: str = "synthetic"  # the source of images to copy
+    data_root: str = ""  # its folder (cifar10: ./data)
+    size: int = 0  # image side in pixels
+    out: str = ""  # the folder to write images.npy, labels.npy and meta.json into
+    workers: int = min(8, os.cpu_count() or 1)  # decoding processes
+    length: Optional[int] = None  # number of synthetic images (default 50,000)
 
 
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prepare", help="write a pre-resized uint8 copy of a source")
-    p.add_argument("--data", default="synthetic", help=f"one of {', '.join(PREPARABLE)}")
-    p.add_argument("--data-root", default=None, help="the source's folder (cifar10: ./data)")
-    p.add_argument("--size", type=int, required=True, help="image side in pixels")
-    p.add_argument("--out", required=True, help="folder to write images.npy, labels.npy, meta.json")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="decoding processes")
-    p.add_argument("--length", type=int, default=None, help="number of synthetic images")
-    try:
-        args = parser.parse_args(argv)
-        if args.workers < 0:
-            raise UserError("--workers must be >= 0")
-        dataset = prepare(args.data, args.data_root, args.size, args.out, args.workers, args.length)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    if dataset.summary:
-        print(dataset.summary, file=sys.stderr)
-    print(f"wrote {len(dataset)} images of {args.size}x{args.size} to {args.out}", file=sys.stderr)
+    """python data.py prepare --data SOURCE [--data-root DIR] --size S --out DIR"""
+    def run(argv):
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        if not argv or argv[0] != "prepare":
+            raise UserError("usage: python data.py prepare --data SOURCE [--data-root DIR] --size S --out DIR")
+        cfg = make_config(PrepareConfig, parse_flags(PrepareConfig, argv[1:], choices={"data": PREPARABLE}))
+        if cfg.size < 1 or not cfg.out:
+            raise UserError("give --size (at least 1) and --out DIR")
+        if cfg.workers < 0:
+            raise UserError("--workers must be at least 0")
+        dataset = prepare(cfg.data, cfg.data_root or None, cfg.size, cfg.out, cfg.workers, cfg.length)
+        if dataset.summary:
+            print(dataset.summary, file=sys.stderr)
+        print(f"wrote {len(dataset)} images of {cfg.size}x{cfg.size} to {cfg.out}", file=sys.stderr)
+    return command(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

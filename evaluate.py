@@ -4,8 +4,6 @@
     python evaluate.py --make-ref-stats train.npz --data imagenet --data-root DIR --size 128
     python evaluate.py --ckpt runs/x/ckpt.pt --attention attn.png  # Figure 5: where G looks
     python evaluate.py --ckpt runs/x/ckpt.pt --grid grid.png --classes 1,207,980
-    python evaluate.py --ckpt runs/x/ckpt.pt --mirror --n 1000    # mirror error of the samples
-    python evaluate.py --ckpt runs/sagan/ckpt.pt  # trained on the synthetic data: exact measurements, offline
 
 Reference protocol (the one behind published IS and FID: TTUR's and improved-gan's TensorFlow
 code, which torch-fidelity re-implements)
@@ -24,30 +22,23 @@ code, which torch-fidelity re-implements)
 
 Where this code departs from the reference code: tr sqrt(S1 S2) comes from the eigenvalues of
 a symmetric matrix similar to S1 S2, not from scipy's sqrtm (frechet_distance: the same value to
-~1e-12 relative, ~10x faster); the input is resized as TF 1.x does (pytorch-fid uses torch's
-bilinear interpolate on 2x/255 - 1, so its FID differs from TF's by about 0.1-0.2 %); Figure 5
-is drawn our way, since the paper does not say how (attention_figure).
+~1e-12 relative, with no general matrix square root); the input is resized as TF 1.x does
+(pytorch-fid uses torch's bilinear interpolate on 2x/255 - 1, so its FID differs slightly from
+TF's); Figure 5 is drawn our way, since the paper does not say how (attention_figure).
 
 A generator trained on the built-in synthetic data is measured exactly and offline by
-measures.py (mirror error, class fidelity, FID in probe features, attention reach); this
-file's command line prints those for such a checkpoint. Volumes (a generator trained with
---dims 3) have no IS or FID, only those measurements; their pictures show a few slices across
-the depth and a maximum-intensity projection (volume_views), in the grids and in Figure 5.
-
-The file also reads train.py's checkpoints (load_checkpoint, load_generator): training imports
-this file, never the other way round.
+measures.py, which builds on this file. Volumes (a generator trained with --dims 3) have no IS
+or FID; their pictures show a few slices across the depth and a maximum-intensity projection
+(volume_views), in the grids and in Figure 5.
 """
 
-import argparse
-import json
 import math
 import os
 import re
 import sys
-import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -58,15 +49,12 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from torchvision.utils import make_grid, save_image
 
 import data
-from data import UserError, atomic_write
+from runs import Progress, UserError, at_least, atomic_write, command, first_line, load_checkpoint, make_config, \
+    parse_flags, resolve_device, write_json
 from sagan import Generator, ModelConfig
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
-
-
-def _first_line(e, limit=200):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 # --- Input: quantise like real images, TF 1.x bilinear resize ---------------------------------
@@ -180,9 +168,9 @@ def load_inception(weights=None, device="cpu"):
             torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", check_hash=True, weights_only=True)
     except Exception as e:  # offline, a hash mismatch, not a torch file, a pickle the safe loader refuses
         if weights:
-            raise UserError(f"cannot read Inception weights {weights}: {_first_line(e)}") from None
+            raise UserError(f"cannot read Inception weights {weights}: {first_line(e)}") from None
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_URL.split("/")[-1])
-        raise UserError(f"cannot get the FID Inception weights ({_first_line(e, 100)}); download "
+        raise UserError(f"cannot get the FID Inception weights ({first_line(e, 100)}); download "
                         f"{FID_WEIGHTS_URL} and pass --inception-weights PATH, or put it at {cache}") from None
     net = FIDInception()
     own = net.state_dict()
@@ -220,14 +208,13 @@ def exact_fp32(device):
 def inception_outputs(inception, batches, n, device, label="images", progress=True):
     """Image batches (B, 3, H, W) in [0, 255] -> pool3 (n, 2048), logits (n, 1008), float32 on the
     CPU. Progress (n/N, images/s, ETA) goes to stderr at most every 2 s and at the end."""
-    device, outputs, done, start, last = torch.device(device), [], 0, time.perf_counter(), 0.0
+    device, outputs, done, meter = torch.device(device), [], 0, Progress(n)
     with exact_fp32(device):
         for images in batches:
             outputs.append([t.cpu() for t in inception(images.to(device))])
-            done, now = done + len(images), time.perf_counter()
-            if progress and (now - last >= 2.0 or done >= n):
-                last, rate = now, done / (now - start)
-                print(f"{label}: {done}/{n}, {rate:.1f} images/s, ETA {int((n - done) / rate)} s", file=sys.stderr)
+            done += len(images)
+            if progress and meter.due(done):
+                print(f"{label}: {meter.line(done)}", file=sys.stderr)
     return torch.cat([p for p, _ in outputs]), torch.cat([lg for _, lg in outputs])
 
 
@@ -297,14 +284,14 @@ def load_stats(path, dim=2048):
     try:
         f = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise UserError(f"cannot read statistics file {path}: {_first_line(e)}") from None
+        raise UserError(f"cannot read statistics file {path}: {first_line(e)}") from None
     found = f.files if isinstance(f, np.lib.npyio.NpzFile) else ["one array (.npy)"]
     if not {"mu", "sigma"} <= set(found):
         raise UserError(f"{path} is not an FID statistics file: need arrays mu and sigma, found {', '.join(found)}")
     try:
         mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
     except (ValueError, TypeError, OSError) as e:  # object arrays, strings, a damaged member
-        raise UserError(f"cannot read statistics file {path}: {_first_line(e)}") from None
+        raise UserError(f"cannot read statistics file {path}: {first_line(e)}") from None
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} should be ({dim},) and ({dim}, {dim}), "
                         f"statistics of the {dim}-d pool3 Inception features")
@@ -315,37 +302,11 @@ def load_stats(path, dim=2048):
     return mu, sigma
 
 
-# --- Checkpoints, generator samples and their metrics -----------------------------------------
+# --- Generators from checkpoints, their samples and their metrics -----------------------------
 
-CKPT_FORMAT, CKPT_VERSION = "sagan-checkpoint", 1  # train.GAN.state writes them
-
-
-CKPT_PARTS = ("step", "model", "train", "G", "D", "G_ema", "opt_G", "opt_D", "rng")
-
-
-def load_checkpoint(path, parts=CKPT_PARTS):
-    """Load and validate a checkpoint; every way it can be wrong is one clear UserError. `parts`
-    are the entries the caller needs (resuming needs all, sampling only the model and G)."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, a foreign pickle, code the safe unpickler refuses
-        raise UserError(f"{path} is not a readable sagan checkpoint (truncated, corrupt or unsafe): "
-                        f"{_first_line(e)}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path} is not a sagan checkpoint")
-    if ckpt.get("version") != CKPT_VERSION:
-        raise UserError(f"{path} has checkpoint format version {ckpt.get('version')}; this code reads version {CKPT_VERSION}")
-    missing = [k for k in parts if k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is a damaged sagan checkpoint: it lacks {', '.join(missing)}")
-    return ckpt
-
-
-def _from_checkpoint(path, device, ema):
+def from_checkpoint(path, device, ema):
     """(G in eval mode, ModelConfig, "G_ema" or "G", step, the data it was trained on) from a
-    train.py checkpoint."""
+    train.py checkpoint (runs.load_checkpoint reads and checks it)."""
     ckpt = load_checkpoint(path, parts=("step", "model", "G"))
     name = "G_ema" if ema and ckpt.get("G_ema") is not None else "G"
     try:
@@ -354,14 +315,14 @@ def _from_checkpoint(path, device, ema):
         G.load_state_dict(ckpt[name])
     except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # wrong fields, shapes, keys
         raise UserError(f"{path} is a damaged sagan checkpoint: its {name} does not fit its model "
-                        f"configuration ({_first_line(e, 150)})") from None
+                        f"configuration ({first_line(e, 150)})") from None
     return G.eval().to(device), cfg, name, ckpt.get("step"), (ckpt.get("train") or {}).get("data")
 
 
 def load_generator(ckpt_path, device="cpu", ema=True):
     """(generator in eval mode, ModelConfig) from a checkpoint: the EMA weights when ema is set
     and the run kept them. G(z, y) maps z (B, z_dim) and labels y (B,) to images in [-1, 1]."""
-    return _from_checkpoint(ckpt_path, device, ema)[:2]
+    return from_checkpoint(ckpt_path, device, ema)[:2]
 
 
 def latents(cfg, n, batch_size, seed=0):
@@ -412,7 +373,7 @@ def _read_images(files):
             with Image.open(f) as im:
                 images.append(torch.from_numpy(np.array(data.to_rgb(im))).permute(2, 0, 1))
         except Exception as e:  # OSError, a decompression bomb, ValueError, SyntaxError, ...
-            raise UserError(f"cannot read image {f}: {_first_line(e)}") from None
+            raise UserError(f"cannot read image {f}: {first_line(e)}") from None
     if len({im.shape for im in images}) > 1:
         return torch.cat([tf1_resize(im[None].float(), 299) for im in images])
     return torch.stack(images)
@@ -426,15 +387,15 @@ def real_images(source, n, batch_size, seed=0, data_root="", size=128):
         try:
             arr = np.load(source, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {source}: {_first_line(e)}") from None
+            raise UserError(f"cannot read {source}: {first_line(e)}") from None
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
             raise UserError(f"{source} must hold uint8 images (N, H, W, 3), not {arr.dtype} {arr.shape}")
         total, read = len(arr), lambda idx: torch.from_numpy(np.ascontiguousarray(arr[idx])).permute(0, 3, 1, 2)
     elif os.path.isdir(source):
-        exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(source) for f in names if f.lower().endswith(exts))
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(source) for f in names
+                       if f.lower().endswith(data.IMAGE_EXTENSIONS))
         if not files:
-            raise UserError(f"no images ({' '.join(exts)}) in {source}")
+            raise UserError(f"no images ({' '.join(data.IMAGE_EXTENSIONS)}) in {source}")
         total, read = len(files), lambda idx: _read_images([files[i] for i in idx])
     else:
         if source not in data.SOURCES:
@@ -557,43 +518,28 @@ def class_grid(G, classes, per_class, batch_size=64, device="cpu", seed=0):
 
 # --- Command line: the dataclass's fields are the flags ---------------------------------------
 
-def _arg(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class EvalConfig:
-    ckpt: str = _arg("", "checkpoint written by train.py")
-    n: int = _arg(50_000, "samples (50k: the published protocol); at most this many real images")
-    ref_stats: str = _arg("", "reference statistics .npz (mu, sigma) for FID")
-    ema: bool = _arg(True, "G's EMA weights when the checkpoint has them (--no-ema: the raw G)")
-    batch_size: int = 50
-    device: str = _arg("auto", "auto | cpu | cuda | cuda:N")
-    seed: int = 0
-    splits: int = _arg(10, "IS splits (10, as improved-gan)")
-    out: str = _arg("", "also write the metrics as JSON to this file")
-    inception_weights: str = _arg("", "pt_inception-2015-12-05-6726825d.pth (default: download once)")
-    make_ref_stats: str = _arg("", "write mu and sigma of the images (--data, --images or --ckpt) to this .npz")
-    data: str = _arg("", "a data.py source (synthetic|cifar10|imagenet|folder|prepared): its IS, or its statistics")
-    data_root: str = ""
-    size: int = _arg(128, "image side for --data: the model's")
-    images: str = _arg("", "a folder of images or a uint8 .npy (N, H, W, 3): its IS/FID, or its statistics")
-    attention: str = _arg("", "write Figure 5 (G's last attention layer) to this PNG, the maps to .npz")
-    points: str = _arg("", 'query pixels "x,y;x,y;x,y" (voxels "x,y,z;...") for --attention (default: three spread points)')
-    k: int = _arg(4, "images for --attention; samples per class for --grid")
-    grid: str = _arg("", "write a sample grid, a row per class, to this PNG")
-    classes: str = _arg("", 'classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)')
-    mirror: bool = _arg(False, "print the mirror error of --n samples: mean |x - flip(x)|, pixels in [0, 1]")
-    synthetic_n: int = _arg(1000, "samples for the measurements of a generator trained on --data synthetic(3d)")
-    probe_seed: int = _arg(0, "seed of the probes of those measurements (another seed: how far to trust them)")
-
-
-def build_parser():
-    p = data.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    for f in fields(EvalConfig):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kind, **f.metadata)
-    return p
+    ckpt: str = ""  # a checkpoint written by train.py
+    n: int = 50_000  # samples (50k: the published protocol); at most this many real images
+    ref_stats: str = ""  # reference statistics .npz (mu, sigma) for FID
+    ema: bool = True  # G's EMA weights when the checkpoint has them (--no-ema: the raw G)
+    batch_size: int = 50  # images per batch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # seed of the samples' z and labels
+    splits: int = 10  # IS splits (10, as improved-gan)
+    out: str = ""  # also write the metrics as JSON to this file
+    inception_weights: str = ""  # the FID Inception weights, pytorch-fid's file (default: download once)
+    make_ref_stats: str = ""  # write mu and sigma of the images (--data, --images or --ckpt) to this .npz
+    data: str = ""  # a data source of data.py: its IS, or its statistics
+    data_root: str = ""  # the data source's folder
+    size: int = 128  # image side for --data: the model's
+    images: str = ""  # a folder of images or a uint8 .npy (N, H, W, 3): its IS and FID, or its statistics
+    attention: str = ""  # write Figure 5 (G's last attention layer) to this PNG, the maps to .npz
+    points: str = ""  # query pixels "x,y;x,y;x,y" (voxels "x,y,z;...") for --attention (default: three spread)
+    k: int = 4  # images for --attention; samples per class for --grid
+    grid: str = ""  # write a sample grid, a row per class, to this PNG
+    classes: str = ""  # classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)
 
 
 def _ints(text, flag, high, group=1):
@@ -613,23 +559,26 @@ def _classes(text, n_classes, cap=16):
     return list(range(n_classes)) if n_classes <= cap else [round(i * (n_classes - 1) / (cap - 1)) for i in range(cap)]
 
 
-def _write_pictures(cfg, G, mcfg, device):
-    classes = _classes(cfg.classes, mcfg.n_classes)
+def _write_pictures(cfg, G, device):
+    model = G.cfg
+    classes = _classes(cfg.classes, model.n_classes)
     if cfg.attention:
         # By default three points spread over the image (fractions of its side), not picked by
         # hand; in a volume, on its middle slice.
         spread = [(0.3, 0.3), (0.7, 0.45), (0.45, 0.75)]
-        values = _ints(cfg.points, "--points", mcfg.size, mcfg.dims) if cfg.points else \
-            [int(f * mcfg.size) for point in spread for f in (point + (0.5,))[:mcfg.dims]]
-        points = [tuple(values[i:i + mcfg.dims]) for i in range(0, len(values), mcfg.dims)]
+        values = _ints(cfg.points, "--points", model.size, model.dims) if cfg.points else \
+            [int(f * model.size) for point in spread for f in (point + (0.5,))[:model.dims]]
+        points = [tuple(values[i:i + model.dims]) for i in range(0, len(values), model.dims)]
         gen = torch.Generator().manual_seed(cfg.seed)
-        z = torch.randn(cfg.k, mcfg.z_dim, generator=gen)
+        z = torch.randn(cfg.k, model.z_dim, generator=gen)
         y = torch.tensor(classes)[torch.randint(len(classes), (cfg.k,), generator=gen)] if classes else None
         images, beta, maps = attention_maps(G, z.to(device), None if y is None else y.to(device), points)
-        atomic_write(cfg.attention, lambda f: save_image(attention_figure(images, maps, points), f, format=image_format(cfg.attention)))
+        atomic_write(cfg.attention, lambda f: save_image(attention_figure(images, maps, points), f,
+                                                         format=image_format(cfg.attention)))
         raw = os.path.splitext(cfg.attention)[0] + ".npz"
-        atomic_write(raw, lambda f: np.savez(f, images=quantize(images).cpu().numpy(), beta=beta.float().cpu().numpy(), points=np.array(points),
-                 maps=maps.float().cpu().numpy(), labels=np.array([] if y is None else y.tolist())))
+        atomic_write(raw, lambda f: np.savez(f, images=quantize(images).cpu().numpy(), beta=beta.float().cpu().numpy(),
+                                             points=np.array(points), maps=maps.float().cpu().numpy(),
+                                             labels=np.array([] if y is None else y.tolist())))
         print(f"wrote {cfg.attention} and {raw} (beta: images x queries x keys = {tuple(beta.shape)})")
     if cfg.grid:
         grid = volume_views(class_grid(G, classes, cfg.k, cfg.batch_size, device, cfg.seed))
@@ -645,55 +594,35 @@ def image_format(path):
     return fmt
 
 
-def device_of(name):
-    device = name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and not torch.cuda.is_available()):
-        raise UserError(f"--device {name}: use auto, cpu, or cuda[:N] where CUDA is available")
-    return device
-
-
 def evaluate(cfg):
     """Does what an EvalConfig asks; the module docstring lists the modes."""
-    import measures  # here, not at the top: measures.py imports this file
-    for name, low in (("n", 1), ("batch_size", 1), ("k", 1), ("splits", 1), ("size", 1), ("synthetic_n", 10)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
+    at_least(cfg, 1, "n", "batch_size", "k", "splits", "size")
     if sum(map(bool, (cfg.ckpt, cfg.images, cfg.data))) != 1:
         raise UserError("give one source of images: --ckpt RUN/ckpt.pt, --images DIR|FILE.npy or --data SOURCE")
-    if (cfg.attention or cfg.grid or cfg.mirror) and not cfg.ckpt:
-        raise UserError("--attention, --grid and --mirror take samples of a generator: give --ckpt")
+    if (cfg.attention or cfg.grid) and not cfg.ckpt:
+        raise UserError("--attention and --grid take samples of a generator: give --ckpt")
     for picture in (cfg.attention, cfg.grid):
         if picture:
             image_format(picture)  # before the work, not after it
     for written in (cfg.attention, cfg.grid, cfg.out, cfg.make_ref_stats):
         if written and not os.path.isdir(os.path.dirname(os.path.abspath(written))):
             raise UserError(f"cannot write {written}: its folder does not exist")
-    device = device_of(cfg.device)
+    device = resolve_device(cfg.device)
     ref = load_stats(cfg.ref_stats) if cfg.ref_stats else None  # fail before the long part
     result = {"n": cfg.n, "source": cfg.ckpt or cfg.images or cfg.data, "ref_stats": cfg.ref_stats or None}
     if cfg.ckpt:
-        G, mcfg, weights, step, source = _from_checkpoint(cfg.ckpt, device, cfg.ema)
+        G, model, weights, step, source = from_checkpoint(cfg.ckpt, device, cfg.ema)
         if cfg.attention or cfg.grid:
-            return _write_pictures(cfg, G, mcfg, device)
-        if cfg.mirror:
-            error = measures.mirror_error(G, cfg.n, cfg.batch_size, device, cfg.seed)
-            return print(f"mirror error {error:.4f}: mean |x - flip(x)| over the mirror {'line' if mcfg.dims == 2 else 'plane'} "
-                         f"of {cfg.n} samples, pixels in [0, 1] ({weights}, step {step})")
-        if mcfg.dims != 2 and (source != "synthetic3d" or cfg.ref_stats or cfg.inception_weights):
-            raise UserError("IS and FID are defined for images; this generator makes volumes: leave out "
-                            "--ref-stats and --inception-weights for the exact measurements of synthetic3d")
+            return _write_pictures(cfg, G, device)
+        synthetic = source in data.SOURCES and data.SOURCES[source].synthetic
+        if model.dims != 2:
+            raise UserError(f"IS and FID are defined for images; this generator makes volumes: "
+                            f"python measures.py --ckpt {cfg.ckpt} measures it")
+        if synthetic and not (cfg.ref_stats or cfg.inception_weights or cfg.make_ref_stats):
+            raise UserError(f"this generator was trained on the built-in {source} data: python measures.py "
+                            f"--ckpt {cfg.ckpt} measures it exactly, offline; IS and FID need --inception-weights "
+                            f"or --ref-stats")
         result.update(step=step, weights=weights, seed=cfg.seed)
-        if source in measures.SOURCES:
-            result.update(synthetic_n=cfg.synthetic_n, probe_seed=cfg.probe_seed,
-                          **measures.synthetic_metrics(G, cfg.synthetic_n, cfg.batch_size, device, cfg.seed, cfg.probe_seed))
-            measures.print_measurements(result, mcfg)
-            if mcfg.dims != 2:
-                return _write_result(cfg, result)
-            if not (cfg.ref_stats or cfg.inception_weights):
-                print("IS and FID left out: they need the Inception weights (a download) and say little about "
-                      "coloured shapes; give --inception-weights or --ref-stats to add them")
-                del result["n"]  # --n counts the IS/FID samples, and none were taken
-                return _write_result(cfg, result)
         batches = generated_images(G, cfg.n, cfg.batch_size, device, cfg.seed)
     else:
         result["n"], batches = real_images(cfg.images or cfg.data, cfg.n, cfg.batch_size, cfg.seed,
@@ -712,24 +641,12 @@ def evaluate(cfg):
         raise UserError(f"the metrics are not finite ({result}): the images hold NaN or infinite values")
     fid = f"   FID {result['FID']:.3f}" if "FID" in result else ""
     print(f"IS {result['IS']:.3f} +- {result['IS_std']:.3f}{fid}   ({result['n']} images)")
-    _write_result(cfg, result)
-
-
-def _write_result(cfg, result):
     if cfg.out:
-        atomic_write(cfg.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+        write_json(cfg.out, result)
 
 
 def main(argv=None):
-    with warnings.catch_warnings():  # restores the warnings machinery when main() is called in-process
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
-        try:
-            evaluate(EvalConfig(**vars(build_parser().parse_args(argv))))
-        except (UserError, OSError) as e:  # OSError: an output file that cannot be written
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return 0
+    return command(lambda argv: evaluate(make_config(EvalConfig, parse_flags(EvalConfig, argv))), argv)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
-from data import ArgumentParser, UserError, atomic_write
-from evaluate import load_checkpoint
+from runs import UserError, at_least, atomic_write, command, load_checkpoint, make_config, parse_flags, write_json
 
 # Each arm: the train.py flags that make it, on top of the default synthetic run (TTUR, attention
 # at 16, spectral norm in G and D, 1:1) at the paper's learning rates. "attn16" is that run
 # itself, in every table. (The default run's own rates are 8x the paper's, same ratio: see
-# train.PRESETS_BY_SIZE; the ablations keep the paper's recipe.)
+# train.PRESETS; the ablations keep the paper's recipe unless --rates default.)
 PAPER_LR = ["--lr-g", "1e-4", "--lr-d", "4e-4"]
 RATES = {"paper": "the paper's", "default": "the default run's (8x the paper's)"}
 ARMS = {
@@ -54,19 +54,23 @@ OVER_STEPS = [("fid_probe", "FID (probes)", "{:.1f}"), ("colour_fidelity", "colo
               ("shape_fidelity", "shape fidelity", "{:.3f}"), ("mirror_error", "mirror error", "{:.4f}")]
 
 
-def build_parser():
-    p = ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("table", choices=list(TABLES), help="which of the paper's results to measure")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per arm (3)")
-    p.add_argument("--steps", type=int, default=0, help="training steps per run (default: the default run's 1,200)")
-    p.add_argument("--eval-every", type=int, default=200, help="steps between measurements (200)")
-    p.add_argument("--eval-n", type=int, default=500, help="samples per measurement (500)")
-    p.add_argument("--jobs", type=int, default=1, help="trainings at once, the CPU threads split between them")
-    p.add_argument("--rates", choices=("paper", "default"), default="paper",
-                   help="learning rates: the paper's (1e-4 for G, 4e-4 for D), or the default run's (8x)")
-    p.add_argument("--out", default=None, help="folder of the runs and the tables (experiments, or "
-                   "experiments-default-rates with --rates default)")
-    return p
+@dataclass
+class ExperimentConfig:
+    table: str = ""  # which of the paper's results to measure: table1, figure3 or figure5
+    seeds: int = 3  # seeds 0 .. N-1 per arm
+    steps: int = 0  # training steps per run (0: the default run's 1,200)
+    eval_every: int = 200  # steps between measurements
+    eval_n: int = 500  # samples per measurement
+    jobs: int = 1  # trainings at once, the CPU threads split between them
+    rates: str = "paper"  # learning rates: the paper's (1e-4 for G, 4e-4 for D), or the default run's (8x)
+    out: str = ""  # folder of the runs and the tables (experiments, or experiments-default-rates)
+
+
+def parse(argv):
+    cfg = make_config(ExperimentConfig, parse_flags(ExperimentConfig, argv, positional=("table",),
+                                                    choices={"table": list(TABLES), "rates": list(RATES)}))
+    cfg.out = cfg.out or ("experiments" if cfg.rates == "paper" else "experiments-default-rates")
+    return cfg
 
 
 def run_folder(cfg, arm, seed):
@@ -93,10 +97,10 @@ def finished(cfg, arm, seed):
         return None
     with open(path) as f:
         done = json.load(f)
-    rates = done.get("rates", "paper")  # records written before --rates existed: the paper's
+    rates = done.get("rates")
     if rates != cfg.rates:
-        raise UserError(f"{os.path.dirname(path)} was trained at {RATES[rates]} learning rates, not at "
-                        f"{RATES[cfg.rates]}; give another --out")
+        raise UserError(f"{os.path.dirname(path)} was trained at {RATES.get(rates, 'unknown')} learning rates, "
+                        f"not at {RATES[cfg.rates]}; give another --out")
     return done if done.get("steps") == (cfg.steps or None) and done.get("eval_every") == cfg.eval_every \
         and done.get("eval_n") == cfg.eval_n else None
 
@@ -124,7 +128,7 @@ def train(cfg, arm, seed, threads):
         raise UserError(f"the run {folder} stopped at step {step}; run the same command again to continue")
     record = dict(wall_s=round(time.perf_counter() - t, 1), steps=cfg.steps or None, step=step,
                   eval_every=cfg.eval_every, eval_n=cfg.eval_n, threads=threads, rates=cfg.rates)
-    atomic_write(os.path.join(folder, "experiment.json"), lambda f: f.write(json.dumps(record).encode()))
+    write_json(os.path.join(folder, "experiment.json"), record)
     print(f"  {arm} seed {seed}: {step} steps in {record['wall_s'] / 60:.1f} min", flush=True)
     return record
 
@@ -177,32 +181,28 @@ def table(cfg, name, records):
     return f"{name}, at {RATES[cfg.rates]} learning rates: {header}\n\n" + "\n".join(lines).rstrip() + "\n"
 
 
+def run(argv):
+    cfg = parse(argv)
+    at_least(cfg, 1, "seeds", "eval_every", "eval_n", "jobs")
+    arms = TABLES[cfg.table][0]
+    runs = [(arm, seed) for seed in range(cfg.seeds) for arm in arms]
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    print(f"{cfg.table}: {len(runs)} runs ({len(arms)} arms x {cfg.seeds} seeds) in {cfg.out}, "
+          f"{cfg.jobs} at a time; each run's output goes to {cfg.out}/ARM/seedK.txt", flush=True)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        records = dict(zip(runs, pool.map(lambda run: train(cfg, *run, threads), runs)))
+    text = table(cfg, cfg.table, records)
+    used = sorted({r["threads"] for r in records.values()})  # as each run recorded: a reused one kept its own
+    core_hours = sum(r["wall_s"] * r["threads"] for r in records.values()) / 3600
+    text += f"\nRun time of the runs times their threads ({' or '.join(map(str, used))} each): {core_hours:.2f} " \
+            f"core-hours; this command: {(time.perf_counter() - t) / 60:.1f} min.\n"
+    atomic_write(os.path.join(cfg.out, cfg.table + ".md"), lambda f: f.write(text.encode()))
+    print(text)
+
+
 def main(argv=None):
-    try:
-        cfg = build_parser().parse_args(argv)
-        cfg.out = cfg.out or ("experiments" if cfg.rates == "paper" else "experiments-default-rates")
-        for name in ("seeds", "eval_every", "eval_n", "jobs"):
-            if getattr(cfg, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-        arms = TABLES[cfg.table][0]
-        runs = [(arm, seed) for seed in range(cfg.seeds) for arm in arms]
-        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
-        print(f"{cfg.table}: {len(runs)} runs ({len(arms)} arms x {cfg.seeds} seeds) in {cfg.out}, "
-              f"{cfg.jobs} at a time; each run's output goes to {cfg.out}/ARM/seedK.txt", flush=True)
-        t = time.perf_counter()
-        with ThreadPoolExecutor(cfg.jobs) as pool:
-            records = dict(zip(runs, pool.map(lambda run: train(cfg, *run, threads), runs)))
-        text = table(cfg, cfg.table, records)
-        used = sorted({r["threads"] for r in records.values()})  # as each run recorded: a reused one kept its own
-        core_hours = sum(r["wall_s"] * r["threads"] for r in records.values()) / 3600
-        text += f"\nRun time of the runs times their threads ({' or '.join(map(str, used))} each): {core_hours:.2f} " \
-                f"core-hours; this command: {(time.perf_counter() - t) / 60:.1f} min.\n"
-        atomic_write(os.path.join(cfg.out, cfg.table + ".md"), lambda f: f.write(text.encode()))
-        print(text)
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return command(run, argv)
 
 
 if __name__ == "__main__":

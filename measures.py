@@ -1,7 +1,8 @@
 """Exact measurements of a generator trained on the built-in synthetic data (data.Synthetic).
 
-    python evaluate.py --ckpt runs/sagan/ckpt.pt   # a synthetic or synthetic3d run: these, offline
-    python train.py --eval-every 200               # the same, logged while training
+    python measures.py --ckpt runs/sagan/ckpt.pt    # a synthetic or synthetic3d run, offline
+    python measures.py --ckpt runs/sagan/ckpt.pt --mirror --n 1000    # the mirror error alone
+    python train.py --eval-every 200                # the same, logged while training
 
 The synthetic images (and volumes) are drawn by a known program, so the paper's claims can be
 measured where no natural-image metric reaches:
@@ -14,12 +15,14 @@ measured where no natural-image metric reaches:
 
 Volumes (a generator trained with --dims 3) get the same measurements, with 3-D probes.
 The probes are small and briefly trained, so samples far from real ones lie where probes of
-another seed (evaluate.py --probe-seed) may judge them otherwise: the README gives the spread.
-This file builds on evaluate.py (samples, the Frechet distance); evaluate.py's command line
-calls it for synthetic checkpoints.
+another seed (--probe-seed) may judge them otherwise. This file builds on evaluate.py (samples,
+the Frechet distance) and sits above it: evaluate.py knows nothing of it.
 """
 
+import os
+import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from evaluate import feature_stats, frechet_distance, generated_images, latents, quantize
-from sagan import LAYERS
+from evaluate import (compute_metrics, feature_stats, frechet_distance, from_checkpoint, generated_images, latents,
+                      load_inception, load_stats, quantize)
+from runs import UserError, at_least, command, make_config, parse_flags, resolve_device, write_json
+from sagan import LAYER_TYPES
 
-SOURCES = ("synthetic", "synthetic3d")  # the data sources these measurements apply to
 PROBE_TRAIN, PROBE_TEST, PROBE_STEPS = 4000, 1000, 200  # probe data: indices from 10^6 on, unseen in training
 OBJECT_LEVEL = 0.375  # brightest channel of an object pixel: background <= 0.25, objects >= 0.48
 
@@ -50,11 +54,11 @@ class Probe(nn.Module):
     image. "shape" sees no colour: 3x3 convolutions on the grey image, stretched to [0, 1] per
     image, so that neither hue nor brightness is left. Their features (the maximum over the image
     of the last layer, 32 each) are the space of the distribution distances. With dims = 3 the
-    same on volumes (sagan.LAYERS picks the 3-D layers)."""
+    same on volumes (sagan.LAYER_TYPES picks the 3-D layers)."""
 
     def __init__(self, cue, dims=2):
         super().__init__()
-        self.cue, self.layers = cue, LAYERS[dims]
+        self.cue, self.layers = cue, LAYER_TYPES[dims]
         k, c_in = (3, 1) if cue == "shape" else (1, 3)
         self.convs = nn.ModuleList(self.layers.conv(a, b, k, padding=k // 2) for a, b in [(c_in, 8), (8, 16), (16, 32)])
         self.head = nn.Linear(32, 10)
@@ -100,9 +104,8 @@ def probes(size, seed=0, dims=2):
     kept for the process. Returns ({cue: probe}, {cue: accuracy on PROBE_TEST held-out real images}).
 
     They are trained on one thread, whatever the machine: a convolution's backward rounds
-    differently with the thread count, and 200 Adam steps carry that into weights that judge poor
-    samples very differently (two default 3-D runs' shape fidelity read 0.301 and 0.182 with
-    probes trained on one thread, 0.255 and 0.245 with probes trained on two: README, 3-D)."""
+    differently with the thread count, and 200 Adam steps carry that into weights that judge
+    samples far from real ones differently."""
     if (size, seed, dims) not in _probes:
         x, y = synthetic_images(size, 10 ** 6, PROBE_TRAIN + PROBE_TEST, dims)
         nets, accuracy = {}, {}
@@ -247,15 +250,86 @@ def sample_metrics(fake, labels, probe_seed=0):
     }
 
 
-def print_measurements(r, mcfg):
-    """Prints the result of synthetic_metrics for evaluate.py's command line."""
-    _, accuracy = probes(mcfg.size, r["probe_seed"], mcfg.dims)
-    real = "images" if mcfg.dims == 2 else "volumes"
+def during_training(source, n, ref_stats, inception_weights, device):
+    """What train.py --eval-every logs: a function of G returning a dict of n samples' measurements.
+    On the built-in synthetic images and volumes, the exact ones (synthetic_metrics), offline; IS
+    (and FID with ref_stats) on other data, and on synthetic data too when ref_stats or
+    inception_weights asks for them. Without the Inception weights, one warning, and None when
+    nothing is left to measure. A bad statistics file is an error before training starts."""
+    ref = load_stats(ref_stats) if ref_stats else None
+    synthetic = data.SOURCES[source].synthetic
+    inception = None
+    if not synthetic or ref_stats or inception_weights:  # never for volumes: train.py refuses these
+        try:
+            inception = load_inception(inception_weights or None, device)
+        except UserError as e:
+            print(f"warning: no IS/FID during training: {e}", file=sys.stderr)
+            if not synthetic:
+                return None
+
+    def evaluator(G):
+        out = synthetic_metrics(G, n, device=device) if synthetic else {}
+        if inception is not None:
+            out.update(compute_metrics(G, inception, n, ref, device=device, progress=False))
+        return out
+    return evaluator
+
+
+def print_measurements(r, model):
+    """Prints a result of synthetic_metrics, with what real data reads."""
+    _, accuracy = probes(model.size, r["probe_seed"], model.dims)
+    real = "images" if model.dims == 2 else "volumes"
     reach = "no attention layer" if r["reach"] is None else f"{r['reach']:.2f} (1 = uniform)"
-    print(f"synthetic-data measurements of {r['synthetic_n']} samples ({r['weights']}, step {r['step']}):\n"
+    print(f"synthetic-data measurements of {r['n']} samples ({r['weights']}, step {r['step']}):\n"
           f"  mirror error     {r['mirror_error']:.4f}   mean |x - flip(x)|, pixels in [0, 1]; real {real} 0\n"
           f"  class fidelity   colour {r['colour_fidelity']:.3f}, shape {r['shape_fidelity']:.3f}   "
           f"(the probes of seed {r['probe_seed']} on held-out real {real}: {accuracy['colour']:.3f}, {accuracy['shape']:.3f})\n"
-          f"  FID (probes)     {r['fid_probe']:.2f}   against {r['synthetic_n']} training {real}, 64-d probe features\n"
+          f"  FID (probes)     {r['fid_probe']:.2f}   against {r['n']} training {real}, 64-d probe features\n"
           f"  precision        {r['precision']:.3f}, recall {r['recall']:.3f}   (k = 3, same features)\n"
           f"  attention reach  {reach}: attention on the mirror object over its share of the image")
+
+
+@dataclass
+class MeasureConfig:
+    ckpt: str = ""  # a checkpoint of a run on --data synthetic or synthetic3d
+    n: int = 1000  # samples; FID, precision and recall depend on it: compare at equal n
+    ema: bool = True  # G's EMA weights when the checkpoint has them (--no-ema: the raw G)
+    seed: int = 0  # seed of the samples' z and labels
+    probe_seed: int = 0  # seed of the probes (another seed: how far to trust them)
+    mirror: bool = False  # only the mirror error, without training the probes
+    batch_size: int = 50  # samples per batch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: str = ""  # also write the measurements as JSON to this file
+
+
+def measure(cfg):
+    at_least(cfg, 1, "n", "batch_size")
+    if not cfg.ckpt:
+        raise UserError("give --ckpt RUN/ckpt.pt, a checkpoint of a run on the synthetic data")
+    if cfg.out and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.out))):
+        raise UserError(f"cannot write {cfg.out}: its folder does not exist")
+    device = resolve_device(cfg.device)
+    G, model, weights, step, source = from_checkpoint(cfg.ckpt, device, cfg.ema)
+    result = {"ckpt": cfg.ckpt, "step": step, "weights": weights, "n": cfg.n, "seed": cfg.seed}
+    if cfg.mirror:
+        result["mirror_error"] = mirror_error(G, cfg.n, cfg.batch_size, device, cfg.seed)
+        print(f"mirror error {result['mirror_error']:.4f}: mean |x - flip(x)| over the mirror "
+              f"{'line' if model.dims == 2 else 'plane'} of {cfg.n} samples, pixels in [0, 1] ({weights}, step {step})")
+    else:
+        if not (source in data.SOURCES and data.SOURCES[source].synthetic):
+            raise UserError(f"{cfg.ckpt} was trained on {source} data; these measurements need the built-in "
+                            f"synthetic data (evaluate.py gives IS and FID)")
+        at_least(cfg, 10, "n")
+        result.update(probe_seed=cfg.probe_seed,
+                      **synthetic_metrics(G, cfg.n, cfg.batch_size, device, cfg.seed, cfg.probe_seed))
+        print_measurements(result, model)
+    if cfg.out:
+        write_json(cfg.out, result)
+
+
+def main(argv=None):
+    return command(lambda argv: measure(make_config(MeasureConfig, parse_flags(MeasureConfig, argv))), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,29 +12,20 @@ Paper-to-code map
     Eq. (1): beta_{j,i} = softmax_i(s_ij)    attention_map (in SelfAttention.explicit), .fused (SDPA)
     Eq. (2): o_j = v(sum_i beta_{j,i} h(x_i))
     Eq. (3): y_i = gamma * o_i + x_i         SelfAttention.forward, gamma initialised to 0
-    Sec. 4, spectral norm in G and D         sn(); ModelConfig.g_sn=False is the "SN on D" baseline
+    Sec. 4, spectral norm in G and D         sn(); ModelConfig.g_sn = False is the "SN on D" baseline
     Sec. 4, two-timescale update rule        train.py (lr 1e-4 for G, 4e-4 for D)
     Sec. 5, conditional BN / projection D    ConditionalBatchNorm, Discriminator.embed
     Sec. 5.2, Table 1, attention at featK    ModelConfig.attn (feature-map resolutions; () = none)
     Sec. 5.2, Table 1, "residual" rows       ResidualControl, ModelConfig.attn_block = "residual"
     Sec. 3, Eq. (4): hinge losses            d_hinge_loss, g_hinge_loss
 
-Differences from the paper, numbered as in the README's list (which has the rest):
-    1. The value h has C/2 channels, not C/8, and an output 1x1 conv v maps it back to C channels.
-    2. Keys f(x) and values h(x) are max-pooled 2x2 (2 in every spatial dimension) before
-       attention, so each query attends to N/4 positions in 2-D. `pooled=False`: the paper's form.
-    3. The attention convs have no bias; all four are spectrally normalised.
-    4. The fused path zero-pads query and key to the value's width; the scores are unchanged.
-    5. Conditional BN: per-class gain and bias tables, not spectrally normalised, starting at
-       exactly gain 1 and bias 0 (BigGAN-PyTorch starts its gains at 1 plus a xavier-initialised
-       table); the paper only says "conditional batch normalization".
-    6. SelfAttention runs on (B, C, *spatial) maps in 1-D, 2-D or 3-D, and G and D on images or
-       volumes (ModelConfig.dims): the paper is 2-D only.
-Widths, block layouts, xavier init and D's sum pooling are the reference implementations';
-test_sagan.py checks the parameter counts against theirs (81.5 M at ImageNet 128, ch = 64).
+The README's differences from the paper 1-6 are this file's, each cited by its number where it
+happens. Widths, block layouts, xavier init and D's
+sum pooling are the reference implementations'; test_sagan.py checks the parameter counts
+against theirs (81.5 M at ImageNet 128, ch = 64).
 
 Volumes (dims = 3) use the same blocks with 3-D convolutions, batch norm, pooling and upsampling:
-LAYERS, below the width tables, is the one place that picks the layer types per dims.
+LAYER_TYPES is the one place that picks the layer types per number of dimensions.
 """
 
 from dataclasses import dataclass
@@ -60,7 +51,7 @@ def sn(module, enabled=True):
     return spectral_norm(module) if enabled else module
 
 
-class Layers(NamedTuple):
+class LayerTypes(NamedTuple):
     """The layer types for one number of spatial dimensions, and its channels-last memory format."""
 
     conv: type
@@ -71,12 +62,12 @@ class Layers(NamedTuple):
 
 
 # The one place where the number of spatial dimensions picks the layer types: sequences (the
-# attention block alone), images (the paper) and volumes. The blocks below take a Layers and never
-# ask which it is; upsampling (F.interpolate) and the rest of the arithmetic work in any of them.
-LAYERS = {
-    1: Layers(nn.Conv1d, nn.BatchNorm1d, F.avg_pool1d, F.max_pool1d, torch.contiguous_format),
-    2: Layers(nn.Conv2d, nn.BatchNorm2d, F.avg_pool2d, F.max_pool2d, torch.channels_last),
-    3: Layers(nn.Conv3d, nn.BatchNorm3d, F.avg_pool3d, F.max_pool3d, torch.channels_last_3d),
+# attention block alone), images (the paper) and volumes. The blocks below take a LayerTypes and
+# never ask which it is; upsampling (F.interpolate) and the rest of the arithmetic work in any.
+LAYER_TYPES = {
+    1: LayerTypes(nn.Conv1d, nn.BatchNorm1d, F.avg_pool1d, F.max_pool1d, torch.contiguous_format),
+    2: LayerTypes(nn.Conv2d, nn.BatchNorm2d, F.avg_pool2d, F.max_pool2d, torch.channels_last),
+    3: LayerTypes(nn.Conv3d, nn.BatchNorm3d, F.avg_pool3d, F.max_pool3d, torch.channels_last_3d),
 }
 
 
@@ -101,8 +92,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels, dims=2, pooled=True, use_sn=True):
         super().__init__()
-        conv = LAYERS[dims].conv
-        self.pool = LAYERS[dims].max_pool if pooled else None
+        conv = LAYER_TYPES[dims].conv
+        self.pool = LAYER_TYPES[dims].max_pool if pooled else None
         c8, c2 = channels // 8, channels // 2
         self.f = sn(conv(channels, c8, 1, bias=False), use_sn)  # key
         self.g = sn(conv(channels, c8, 1, bias=False), use_sn)  # query
@@ -168,7 +159,7 @@ class ResidualControl(nn.Module):
 
     def __init__(self, channels, dims=2, pooled=True, use_sn=True):  # SelfAttention's arguments; pooled unused
         super().__init__()
-        conv = LAYERS[dims].conv
+        conv = LAYER_TYPES[dims].conv
         self.k = sn(conv(channels, channels // 8, 3, padding=1, bias=False), use_sn)
         self.v = sn(conv(channels // 8, channels, 1, bias=False), use_sn)
         self.gamma = nn.Parameter(torch.zeros(()))
@@ -177,103 +168,87 @@ class ResidualControl(nn.Module):
         return x + self.gamma * self.v(F.relu(self.k(x)))
 
 
-MIDDLE_BLOCKS = {"attention": SelfAttention, "residual": ResidualControl}  # ModelConfig.attn_block
+# What goes at the attention resolutions (ModelConfig.attn_block): the paper's block, or its control.
+ATTN_BLOCKS = {"attention": SelfAttention, "residual": ResidualControl}
 
 
 # ---------------------------------------------------------------------------------------------
 # Configuration: the widths of the reference layouts, and the one ModelConfig
 # ---------------------------------------------------------------------------------------------
 
-# Channel multipliers of ch per image size. G: width of the 4x4 input, then the output width of
-# each up-block (one block per doubling). D: output width of each block and whether it halves
-# the resolution; the first D block is the "optimized" one that reads the RGB image.
-G_WIDTHS = {
-    32: [4, 4, 4, 4],  # the CIFAR-sized layout of StudioGAN (256 channels at ch=64)
-    64: [16, 16, 8, 4, 2],
-    128: [16, 16, 8, 4, 2, 1],  # BigGAN-PyTorch's SA-GAN at ImageNet 128
-    256: [16, 16, 8, 8, 4, 2, 1],
-}
-D_WIDTHS = {
-    32: ([2, 2, 2, 2], [True, True, False, False]),
-    64: ([1, 2, 4, 8, 16], [True, True, True, True, False]),
-    128: ([1, 2, 4, 8, 16, 16], [True, True, True, True, True, False]),
-    256: ([1, 2, 4, 8, 8, 16, 16], [True, True, True, True, True, True, False]),
-}
-# Where attention goes when ModelConfig.attn is not given: the paper's "feat64" at 128 px (Table
-# 1's best), the 16x16 maps of StudioGAN's 32 px layout, half the image side at 64 px.
-DEFAULT_ATTN = {32: (16,), 64: (32,), 128: (64,), 256: (64,)}
+class Architecture(NamedTuple):
+    g: list  # G's channels, in multiples of ch: the 4x4 (4x4x4) input, then each up-block's output
+    d: list  # D's channels after each block; the first, "optimized" block reads the RGB image
+    d_down: list  # whether each D block halves the resolution
+    attn: tuple  # where attention goes when ModelConfig.attn is not given (Table 1's featK)
 
-# Volumes (dims = 3), keyed by the side of the cube. At 32^3 the 32 px layout itself, attention at
-# 16^3; at 16^3 the same with one block fewer in G and D, attention at 8^3 (half the side, as in
-# 2-D), and G's last block half as wide, as the larger 2-D layouts narrow towards the output: its
-# 3x3x3 convolutions on 16^3 positions were 85 % of G's work, and the default 3-D run must train
-# on a 2-core CPU. A 3x3x3 convolution has 3x the weights of a 3x3 one and a cube of side S has S
-# times the positions of a square, so these stay narrow; there is no 3-D layout to match.
-G_WIDTHS_3D = {16: [4, 4, 2], 32: [4, 4, 4, 4]}
-D_WIDTHS_3D = {16: ([2, 2, 2], [True, True, False]), 32: ([2, 2, 2, 2], [True, True, False, False])}
-DEFAULT_ATTN_3D = {16: (8,), 32: (16,)}
-# The tables of each number of spatial dimensions G and D are built in: (G, D, attention).
-LAYOUTS = {2: (G_WIDTHS, D_WIDTHS, DEFAULT_ATTN), 3: (G_WIDTHS_3D, D_WIDTHS_3D, DEFAULT_ATTN_3D)}
+
+# The ResNet layouts by (dims, size). Images: the reference implementations' (BigGAN-PyTorch's
+# SA-GAN at 128 px, StudioGAN's CIFAR-sized layout at 32 px), attention at the paper's "feat64"
+# (Table 1's best) at 128 and 256 px, else at half the image side. Volumes, by the cube's side:
+# at 32^3 the 32 px layout itself; at 16^3 one block fewer, and G's last block half as wide, as
+# the larger image layouts narrow towards the output, for the convolutions at full resolution
+# dominate G's work. A 3x3x3 convolution has 3x the weights of a 3x3 one and a cube of side S has
+# S times the positions of a square, so the volume layouts stay narrow; there is none to match.
+ARCHITECTURES = {
+    (2, 32): Architecture([4, 4, 4, 4], [2, 2, 2, 2], [True, True, False, False], (16,)),
+    (2, 64): Architecture([16, 16, 8, 4, 2], [1, 2, 4, 8, 16], [True, True, True, True, False], (32,)),
+    (2, 128): Architecture([16, 16, 8, 4, 2, 1], [1, 2, 4, 8, 16, 16], [True] * 5 + [False], (64,)),
+    (2, 256): Architecture([16, 16, 8, 8, 4, 2, 1], [1, 2, 4, 8, 8, 16, 16], [True] * 6 + [False], (64,)),
+    (3, 16): Architecture([4, 4, 2], [2, 2, 2], [True, True, False], (8,)),
+    (3, 32): Architecture([4, 4, 4, 4], [2, 2, 2, 2], [True, True, False, False], (16,)),
+}
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild G and D; checkpoints store it as a dict, and train.py makes
-    each field but n_classes a command-line flag (n_classes comes from the data)."""
+    """Everything needed to rebuild G and D; checkpoints store it as a dict. train.py makes each
+    field but n_classes (which comes from the data) a command-line flag, its help the comment on
+    the field's line; attn None is the architecture's default."""
 
-    size: int = 128  # image side: 32, 64, 128 or 256; for volumes the cube's side, 16 or 32
-    dims: int = 2  # spatial dimensions: 2 = images (B, 3, S, S), 3 = volumes (B, 3, S, S, S)
-    ch: int = 64  # width multiplier (BigGAN-PyTorch's G_ch = D_ch = 64 at ImageNet 128)
-    z_dim: int = 128
+    size: int = 128  # image side: 32, 64, 128 or 256; for volumes (--dims 3) the cube's side, 16 or 32
+    dims: int = 2  # 2 = images (B, 3, S, S); 3 = volumes (B, 3, S, S, S), the built-in synthetic3d data
+    ch: int = 64  # width multiplier (64 in the reference implementations at ImageNet 128)
+    z_dim: int = 128  # size of z
     n_classes: int = 1000  # 0 = unconditional: plain BN in G, no projection in D
-    # Feature-map resolutions with attention in G and D (Table 1's "featK"); () = none;
-    # None = DEFAULT_ATTN[size].
-    attn: Optional[tuple] = None
-    # What goes at those resolutions: "attention", or "residual", Table 1's control of equal
-    # parameter count (ResidualControl).
-    attn_block: str = "attention"
-    pooled: bool = True  # keys/values max-pooled 2x2, as in the released code (difference 2)
-    g_sn: bool = True  # spectral norm in G too (Sec. 4); False = the "SN on D only" baseline
+    attn: Optional[tuple] = None  # resolutions with attention in G and D (Table 1's featK): 64, 32,64 or none
+    attn_block: str = "attention"  # what goes there: attention, or residual (Table 1's control, equal parameters)
+    pooled: bool = True  # keys and values max-pooled 2x2, as in the released code (difference 2)
+    g_sn: bool = True  # spectral norm in G too (Sec. 4); --no-g-sn: the "SN on D only" baseline
 
     def __post_init__(self):
-        if self.dims not in LAYOUTS:
+        sizes = sorted(size for dims, size in ARCHITECTURES if dims == self.dims)
+        if not sizes:
             raise ValueError(f"dims {self.dims} is not supported; choose 2 (images) or 3 (volumes)")
-        g_widths, _, default_attn = LAYOUTS[self.dims]
-        if self.size not in g_widths:
-            raise ValueError(f"size {self.size} is not supported at dims {self.dims}; choose from {sorted(g_widths)}")
-        self.attn = default_attn[self.size] if self.attn is None else tuple(int(r) for r in self.attn)
-        g_res = [4 * 2 ** (i + 1) for i in range(len(self.g_widths) - 1)]
+        if self.size not in sizes:
+            raise ValueError(f"size {self.size} is not supported at dims {self.dims}; choose from {sizes}")
+        self.attn = self.architecture.attn if self.attn is None else tuple(int(r) for r in self.attn)
+        g_res = [4 * 2 ** (i + 1) for i in range(len(self.architecture.g) - 1)]
         d_res = d_resolutions(self)
         for r in self.attn:
             if r not in g_res or r not in d_res:
                 allowed = sorted(set(g_res) & set(d_res))
                 raise ValueError(f"attention resolution {r} is not a feature-map size of both "
                                  f"G and D at size {self.size}; choose from {allowed}")
-        if self.attn_block not in MIDDLE_BLOCKS:
-            raise ValueError(f"attn_block {self.attn_block!r}: choose {' or '.join(MIDDLE_BLOCKS)}")
+        if self.attn_block not in ATTN_BLOCKS:
+            raise ValueError(f"attn_block {self.attn_block!r}: choose {' or '.join(ATTN_BLOCKS)}")
         if self.ch < 8 or self.z_dim < 1 or self.n_classes < 0:
             raise ValueError(f"need ch >= 8, z_dim >= 1 and n_classes >= 0; got ch {self.ch}, "
                              f"z_dim {self.z_dim}, n_classes {self.n_classes}")
 
     @property
     def layers(self):
-        return LAYERS[self.dims]
+        return LAYER_TYPES[self.dims]
 
     @property
-    def g_widths(self):
-        """Channel multipliers of G: the 4x4 (4x4x4) input, then each up-block's output."""
-        return LAYOUTS[self.dims][0][self.size]
-
-    @property
-    def d_widths(self):
-        """(channel multipliers, halves the resolution) of each D block."""
-        return LAYOUTS[self.dims][1][self.size]
+    def architecture(self):
+        return ARCHITECTURES[self.dims, self.size]
 
 
 def d_resolutions(cfg):
     """The resolution after each D block."""
     out, res = [], cfg.size
-    for down in cfg.d_widths[1]:
+    for down in cfg.architecture.d_down:
         res = res // 2 if down else res
         out.append(res)
     return out
@@ -334,7 +309,7 @@ class Generator(nn.Module):
         super().__init__()
         self.cfg = cfg
         layers = cfg.layers
-        widths = [w * cfg.ch for w in cfg.g_widths]
+        widths = [w * cfg.ch for w in cfg.architecture.g]
         self.linear = sn(nn.Linear(cfg.z_dim, 4 ** cfg.dims * widths[0]), cfg.g_sn)
         self.blocks = nn.ModuleList()
         res = 4
@@ -342,7 +317,7 @@ class Generator(nn.Module):
             res *= 2
             self.blocks.append(GBlock(c_in, c_out, cfg.n_classes, cfg.g_sn, layers))
             if res in cfg.attn:  # Table 1: attention (or its control) after the block that outputs res x res
-                self.blocks.append(MIDDLE_BLOCKS[cfg.attn_block](c_out, cfg.dims, cfg.pooled, cfg.g_sn))
+                self.blocks.append(ATTN_BLOCKS[cfg.attn_block](c_out, cfg.dims, cfg.pooled, cfg.g_sn))
         self.bn = layers.batch_norm(widths[-1])
         self.conv_out = sn(layers.conv(widths[-1], 3, 3, padding=1), cfg.g_sn)
 
@@ -404,15 +379,14 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        widths, downs = cfg.d_widths
-        widths = [3] + [w * cfg.ch for w in widths]
+        widths, downs = [3] + [w * cfg.ch for w in cfg.architecture.d], cfg.architecture.d_down
         self.blocks = nn.ModuleList()
         res, placed = cfg.size, set()
         for i, (c_in, c_out, down) in enumerate(zip(widths[:-1], widths[1:], downs)):
             res = res // 2 if down else res
             self.blocks.append(DBlock(c_in, c_out, down, i == 0, cfg.layers))
             if res in cfg.attn and res not in placed:  # after the first block that outputs res
-                self.blocks.append(MIDDLE_BLOCKS[cfg.attn_block](c_out, cfg.dims, cfg.pooled))
+                self.blocks.append(ATTN_BLOCKS[cfg.attn_block](c_out, cfg.dims, cfg.pooled))
                 placed.add(res)
         self.linear = sn(nn.Linear(widths[-1], 1))
         # Projection (Miyato & Koyama 2018): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.

@@ -14,14 +14,9 @@ done in any order. The exception is the last one, whose check trains the model b
 others. make_copy.py writes the assignment sheet from this list; course/answers.md answers the
 questions by number.
 
-Check times: the tests' own time, the median of 3 runs of `python -m pytest -q test_sagan.py -m
-NAME --durations=0` on the project's 2-core AMD EPYC while other work shared it (load average 6
-to 10), so they are upper bounds; pytest's start-up (importing torch and the project) added 9 to
-13 s to each command there. The end-to-end check trains, so it varies most with the load: with 5
-training steps it took 3.2 and 4.5 s in two runs and 26 to 35 s in three others; with the 2 steps
-it now has, 8.5, 9.1, 11.6 and 18.8 s at load 5 to 8 (its median below). Most of it is the first
-iterations' one-time kernel set-up and waiting for a core, not the 2 steps' arithmetic. Writing
-times are estimates for a student who has read the paper's Sec. 3.
+Check times are the tests' own time (pytest --durations), without pytest's start-up; writing
+times are estimates for a student who has read the paper's Sec. 3. RESULTS.md gives the
+measurements behind them.
 """
 
 from dataclasses import dataclass
@@ -45,9 +40,9 @@ class Exercise:
     task: str  # the assignment sheet's paragraph
     questions: tuple  # the written questions, numbered over all exercises in this order
     write_min: int  # minutes to write (or to look and answer), an estimate
-    check_s: float  # seconds the check takes, measured (see above)
+    check_s: float  # seconds the check's tests take (pytest --durations), as RESULTS.md gives them
     needs: tuple = ()  # exercises whose blanks this one's check runs through
-    run: str = ""  # what else the budget must hold, measured
+    run: str = ""  # what else the budget must hold
 
     @property
     def budget(self):
@@ -121,7 +116,7 @@ EXERCISES = (
                "d_hinge_loss, backward, opt_D.step(); return (loss_real, loss_fake, detached logits)"),),
         "Write `GAN.d_step`: for each of `cfg.accum` micro-batches, real images from `batches`, fake "
         "ones from G with fresh z and labels (`self.latents`), both through D in one batch, the hinge "
-        "loss, backward; then one optimizer step. Run each forward inside `with self.forward(...)` "
+        "loss, backward; then one optimizer step. Run each forward inside `with self.forward_context(...)` "
         "(its docstring says why), and see `GAN.iteration` for how the results are used.",
         ("Why do the real and the fake images go through D in one batch (README, difference 7)? Why "
          "would that be wrong for a discriminator with batch norm?",
@@ -164,7 +159,7 @@ EXERCISES = (
         "train_figure5", "Train the default run and draw Figure 5", "Sec. 5.2, Figure 5",
         (),
         "With every other exercise done (the check trains 2 steps through all of them), train the "
-        "default run, `python train.py` (9 minutes on a 2-core CPU, measured; the console "
+        "default run, `python train.py` (minutes on a 2-core CPU; the console "
         "shows the time left), then draw Figure 5 from it: `python evaluate.py --ckpt "
         "runs/sagan/ckpt.pt --attention fig5.png --k 3`. Expect the last sample grid "
         "(runs/sagan/samples/) to show the ten classes by colour and, mostly, by shape, each "
@@ -175,7 +170,7 @@ EXERCISES = (
          "the background? Does a point on one object look at its mirror image?"),
         write_min=25, check_s=10.3,
         needs=("attention_map", "attention_output", "hinge_loss", "conditioning", "d_step", "g_step"),
-        run="9 min of training (measured, README)"),
+        run="5 to 10 min of training on a 2-core CPU (RESULTS.md)"),
 )
 
 BY_NAME = {e.name: e for e in EXERCISES}

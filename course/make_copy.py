@@ -7,11 +7,12 @@
 The copy holds the project's files (PROJECT_FILES), each chosen exercise's code replaced by one
 line, raise NotImplementedError("exercise NAME: what to write; check: the command"), plus
 ASSIGNMENT.md (the exercises, their checks, time budgets and written questions, from
-course/exercises.py and course/assignment.md) and a conftest.py (course/student_conftest.py) that
-reports a test stopped by the blank of an exercise it does not check as skipped, naming that
-exercise. Nothing of course/ is copied: the answer key (course/answers.md) and the reference
-code stay with the instructor, whose copy is the repository itself. Every file that holds no blank
-is copied byte for byte, so a copy without blanks is the tested project.
+course/exercises.py and course/assignment.md). Its conftest.py is the project's with the kit's
+pytest hooks (course/student_conftest.py) after it: they report a test stopped by the blank of an
+exercise it does not check as skipped, naming that exercise. Nothing of course/ is copied: the
+answer key (course/answers.md) and the reference code stay with the instructor, whose copy is the
+repository itself. Every other file that holds no blank is copied byte for byte, so a copy without
+blanks is the tested project.
 """
 
 import argparse
@@ -26,9 +27,11 @@ COURSE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(COURSE)
 # What a student gets: every file of the project but the teaching kit (a test checks that every
 # top-level module and document is here, so that a new one is not forgotten).
-PROJECT_FILES = (".ci/gpu-check", ".ci/run", ".gitignore", "LICENSE", "README.md", "benchmark.py", "data.py",
-                 "evaluate.py", "experiments.py", "measures.py", "pytest.ini", "requirements.txt", "sagan.py",
-                 "samples.png", "samples3d.png", "test_sagan.py", "train.py")
+PROJECT_FILES = (".ci/gpu-check", ".ci/run", ".gitignore", "LICENSE", "README.md", "RESULTS.md", "benchmark.py",
+                 "conftest.py", "data.py", "evaluate.py", "experiments.py", "measures.py", "pytest.ini",
+                 "requirements.txt", "runs.py", "sagan.py", "samples.png", "samples3d.png", "test_runs.py",
+                 "test_sagan.py", "test_tools.py", "train.py")
+KIT_HOOKS = "\n\n# --- The teaching kit's hooks (course/student_conftest.py) ---\n\n"
 
 
 class UserError(Exception):
@@ -177,7 +180,8 @@ def make_copy(out, chosen, root=ROOT):
         if name in sources:
             with open(dest, "w") as f:
                 f.write(sources[name])
-    shutil.copy2(os.path.join(COURSE, "student_conftest.py"), os.path.join(out, "conftest.py"))
+    with open(os.path.join(COURSE, "student_conftest.py")) as f, open(os.path.join(out, "conftest.py"), "a") as conftest:
+        conftest.write(KIT_HOOKS + f.read())
     with open(os.path.join(out, "ASSIGNMENT.md"), "w") as f:
         f.write(assignment_sheet(chosen))
     return sum(len(b) for b in by_file.values())

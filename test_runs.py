@@ -1,0 +1,865 @@
+"""The tests of the runs: training end to end, resume, DDP, the data files a run reads, mistakes
+on the command line, and real faults (kills, signals, divergence, full disks, damaged files).
+Most start train.py and are marked slow: `pytest -m "not slow"` leaves them out."""
+
+
+import copy
+import dataclasses
+import json
+import os
+import pickle
+import random as pyrandom
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import warnings
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+import data
+import evaluate as ev
+import runs
+import train
+from conftest import DEVICES, HERE, TINY, TINY3D, assert_same_state, run_cli, save_odd_images, snapshot
+from data import make_dataset
+from runs import UserError
+from sagan import Discriminator, ModelConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs end to end: the run folder, presets, volumes, resume, DDP, precision
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_folder_contents(tmp_path):
+    assert train.main(TINY + ["--steps", "5", "--out", tmp_path]) == 0
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "config.json", "log.jsonl", "samples"]
+    assert os.listdir(tmp_path / "samples") == ["step_0000005.png"]
+    record = json.loads(open(tmp_path / "log.jsonl").readline())
+    for key in ("step", "loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "gamma_g", "gamma_d", "images_per_s"):
+        assert key in record, key
+    assert len(record["gamma_g"]) == len(record["gamma_d"]) == 1
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["train"]["lr_g"] == 8e-4 and config["train"]["lr_d"] == 3.2e-3  # TTUR, the default run's rates
+    assert config["train"]["beta1"] == 0.0 and config["train"]["beta2"] == 0.9
+
+
+@pytest.mark.slow
+def test_volume_training_steps_are_finite_and_samples_show_slices(tmp_path):
+    assert train.main(TINY3D + ["--steps", "2", "--eval-every", "2", "--eval-n", "10", "--out", tmp_path]) == 0
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["train"]["data"] == "synthetic3d" and config["model"]["dims"] == 3
+    record, measured = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert all(np.isfinite(record[k]) for k in ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake"))
+    assert len(record["gamma_g"]) == len(record["gamma_d"]) == 1
+    assert measured["step"] == 2 and 0 <= measured["shape_fidelity"] <= 1 and measured["mirror_error"] > 0, measured
+    with Image.open(tmp_path / "samples" / "step_0000002.png") as im:
+        assert im.size == (8 * 67 + 9 * 2, 10 * 16 + 11 * 2)  # a row per class, 8 volumes of 4 views
+
+
+def test_dims_3_selects_the_volumes_and_the_default_3d_run():
+    cfg, given = train.parse_config(["--dims", "3"])
+    assert given == {"dims"} and cfg.data == "synthetic3d"
+    assert (cfg.model.dims, cfg.model.size, cfg.model.attn) == (3, 16, (8,))
+    assert (cfg.model.ch, cfg.batch_size, cfg.steps) == (8, 32, 1200)  # the preset of the default 3-D run
+    assert (cfg.lr_g, cfg.lr_d) == (8e-4, 3.2e-3)
+    assert train.parse_config(["--data", "synthetic3d"])[0] == cfg
+    cfg, _ = train.parse_config(["--dims", "3", "--size", "32", "--ch", "16"])
+    assert (cfg.model.size, cfg.model.ch, cfg.model.attn) == (32, 16, (16,))  # flags win
+    assert train.parse_config([])[0].data == "synthetic"
+
+
+def test_imagenet_preset_is_the_papers():
+    cfg, _ = train.parse_config(["--data", "imagenet", "--data-root", "/x"])
+    train.check_config(cfg)
+    assert (cfg.model.size, cfg.model.ch, cfg.batch_size, cfg.steps, cfg.model.attn) == (128, 64, 256, 1_000_000, (64,))
+    assert (cfg.lr_g, cfg.lr_d, cfg.beta1, cfg.beta2, cfg.d_steps) == (1e-4, 4e-4, 0.0, 0.9, 1)
+    cfg, _ = train.parse_config(["--data", "imagenet", "--batch-size", "128", "--attn", "none"])
+    assert cfg.batch_size == 128 and cfg.model.attn == ()  # flags win over the preset
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny,steps", [(TINY, 10), (TINY3D, 4)], ids=["images", "volumes"])
+def test_resume_is_bit_identical_to_a_straight_run(tmp_path, tiny, steps):
+    """Half the steps, resume, the other half == all of them straight: G, D, EMA, optimizers, SN
+    vectors and all RNGs, with flips on (their randomness must resume too) and the EMA switching
+    on mid-run; for images and for volumes. The first half begins with --overwrite, which the
+    resume must not take over from the checkpoint (it would refuse to resume)."""
+    common = tiny + ["--ema", "--ema-start", "3", "--flip"]
+    assert train.main(common + ["--steps", steps, "--out", tmp_path / "straight"]) == 0
+    assert train.main(common + ["--steps", steps // 2, "--out", tmp_path / "split", "--overwrite"]) == 0
+    assert train.main(["--resume", "--out", tmp_path / "split", "--steps", steps]) == 0
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == steps
+    for key in ("G", "D", "G_ema", "opt_G", "opt_D", "rng", "model"):
+        assert_same_state(a[key], b[key], key)
+    # The log of the resumed run continues the first one: one line at each half.
+    log = [json.loads(l) for l in open(tmp_path / "split" / "log.jsonl")]
+    assert [r["step"] for r in log] == [steps // 2, steps]
+    assert log[1]["loss_d_real"] == [json.loads(l) for l in open(tmp_path / "straight" / "log.jsonl")][1]["loss_d_real"]
+
+
+def test_ema_generator_is_normalised_by_its_own_spectral_norm():
+    """G_ema's weights are an average of G's, so its spectral norm must be estimated on them:
+    after hundreds of EMA updates of drifting weights, every normalised weight of G_ema has
+    largest singular value 1 within 1e-2. G's own vectors u, v (what the EMA once copied) would
+    not do: with them sigma(W_ema) is underestimated and the weights come out larger than 1."""
+    torch.manual_seed(0)
+    cfg, _ = train.parse_config(TINY + ["--ema", "--ema-start", "0", "--ema-decay", "0.999"])
+    gan = train.GAN(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_classes=10)), torch.device("cpu"))
+    for step in range(300):
+        with torch.no_grad():  # a random walk of G's weights, its spectral norm tracking them
+            for p in gan.G.parameters():
+                p.add_(torch.randn_like(p), alpha=0.01)
+        train.power_iteration(gan.G)
+        gan.update_ema(step)
+
+    def sigmas(G):
+        return {name: torch.linalg.matrix_norm(m.weight.flatten(1), ord=2).item() for name, m in G.named_modules()
+                if torch.nn.utils.parametrize.is_parametrized(m, "weight")}
+    with torch.no_grad():
+        own = sigmas(gan.G_ema)
+        assert len(own) == 15 and all(abs(s - 1) < 1e-2 for s in own.values()), own
+        borrowed = copy.deepcopy(gan.G_ema)  # the same averaged weights with G's vectors
+        for (name, b), b_live in zip(borrowed.named_buffers(), gan.G.buffers()):
+            if name.endswith(("._u", "._v")):
+                b.copy_(b_live)
+        assert max(sigmas(borrowed).values()) > 1.02
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *TINY, "--steps", "3", "--device", "cpu", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr  # whole: torchrun's summary at the end does not say what failed
+    assert p.stdout.count("step 3/3") == 1  # only rank 0 logs
+    ckpt = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 3
+    from sagan import Generator, ModelConfig
+    G = Generator(ModelConfig(**ckpt["model"]))
+    G.load_state_dict(ckpt["G"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_spectral_norm_runs_outside_bf16_autocast(device):
+    """sn_in_fp32 computes every normalised weight before autocast starts, once per forward, so
+    on CUDA (where autocast would run the power iteration's matrix-vector products in bf16)
+    sigma stays fp32. A hook on each spectral-norm parametrization records whether autocast
+    was on when it ran."""
+    torch.manual_seed(0)
+    D = Discriminator(ModelConfig(size=32, ch=8, n_classes=10, attn=(16,))).to(device)
+    calls = []
+    for m in D.modules():
+        if torch.nn.utils.parametrize.is_parametrized(m, "weight"):
+            m.parametrizations.weight[0].register_forward_pre_hook(
+                lambda mod, args: calls.append(torch.is_autocast_enabled(device)))
+    x, y = torch.randn(2, 3, 32, 32, device=device), torch.tensor([1, 2], device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        D(x, y)
+    assert calls and all(calls)  # without it: inside autocast
+    calls.clear()
+    with train.sn_in_fp32(D), torch.autocast(device, dtype=torch.bfloat16):
+        D(x, y)
+    assert len(calls) == 16 and not any(calls)  # each of D's 16 weights once, before autocast
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_training_steps_are_finite(tmp_path, device):
+    assert train.main(TINY + ["--steps", "3", "--precision", "bf16", "--device", device, "--out", tmp_path]) == 0
+    log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    assert all(np.isfinite(log[-1][k]) for k in ("loss_d_real", "loss_d_fake", "loss_g"))
+
+
+@pytest.mark.slow
+def test_eval_every_logs_is_and_fid_during_training(fid_weights, tmp_path):
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    assert train.main(TINY + ["--steps", "2", "--eval-every", "2", "--eval-n", "10", "--out", tmp_path / "run",
+                              "--inception-weights", fid_weights, "--ref-stats", tmp_path / "stats.npz"]) == 0
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    metrics = [l for l in lines if "IS" in l]
+    assert len(metrics) == 1 and metrics[0]["step"] == 2
+    assert metrics[0]["IS"] >= 1.0 and metrics[0]["FID"] > 0
+
+
+@pytest.mark.slow
+def test_eval_every_without_inception_weights_warns_once_and_trains(tmp_path, capsys):
+    assert train.main(TINY + ["--steps", "4", "--eval-every", "2", "--eval-n", "10", "--out", tmp_path,
+                              "--inception-weights", tmp_path / "missing.pth"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: no IS/FID during training") == 1
+    assert not [l for l in open(tmp_path / "log.jsonl") if '"IS"' in l]
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files: every image mode, class folders, CIFAR-10, prepared arrays
+# ---------------------------------------------------------------------------------------------
+
+
+def test_folder_decodes_every_mode_and_reports_skipped_files(tmp_path):
+    expected = save_odd_images(tmp_path / "flat")
+    assert Image.open(tmp_path / "flat" / "deep.png").mode == "I;16"
+    d = make_dataset("folder", tmp_path / "flat", 16)
+    assert d.n_classes == 0 and len(d) == 7  # the six good images and corrupt.png
+    assert d.summary == "skipped 1 non-image file (notes.txt)"
+    names = [Path(path).name for path in d.files]
+    with pytest.warns(UserWarning, match="corrupt.png"):
+        items = dict(zip(names, (d[i] for i in range(len(d)))))
+    # A bad file gives the next readable one in sorted order instead: corrupt.png -> deep.png.
+    assert torch.equal(items.pop("corrupt.png")[0], items["deep.png"][0])
+    for name, (x, y) in items.items():
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 0
+        want = torch.tensor(expected[name], dtype=torch.float32) / 127.5 - 1
+        # JPEG colour conversion is a few levels off; everything else is exact up to rounding.
+        tol = 0.06 if name.endswith(".jpg") else 1 / 127.5
+        assert (x - want[:, None, None]).abs().max() <= tol, name
+    assert [(Path(p).name, reason) for p, reason in d.skipped] == [
+        ("notes.txt", "non-image file"), ("corrupt.png", "unreadable image")]
+    assert d.summary == "skipped 1 non-image file (notes.txt), 1 unreadable image (corrupt.png)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a known-bad file is not warned about again
+        d[names.index("corrupt.png")]
+
+
+def test_centre_crop_and_flip(tmp_path):
+    # 60x40: a red and a blue band of 10 columns outside the central 40x40 green square.
+    a = np.zeros((40, 60, 3), np.uint8)
+    a[:, :10, 0], a[:, 10:50, 1], a[:, 50:, 2] = 255, 255, 255
+    a[:, 10:30, 2] = 255  # left half of the square cyan, so a flip is visible
+    Image.fromarray(a).save(tmp_path / "wide.png")
+    x, _ = make_dataset("folder", tmp_path, 8)[0]
+    assert x[0].max() == -1  # no red from outside the crop, not even at the edges
+    assert torch.all(x[1] == 1)
+    assert torch.all(x[2, :, 0] == 1) and torch.all(x[2, :, -1] == -1)
+    flipping = make_dataset("folder", tmp_path, 8, flip=True)
+    torch.manual_seed(0)
+    seen = {bool(torch.equal(flipping[0][0], x.flip(2))) for _ in range(20)}
+    assert seen == {True, False}
+
+
+def test_class_tree_gives_labels_and_imagenet_needs_one(tmp_path):
+    for rel in ["cat/a.png", "dog/b.png", "dog/sub/c.png", ".hidden/d.png", "loose.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / rel)
+    for source in ("folder", "imagenet"):
+        d = make_dataset(source, tmp_path, 8)
+        assert d.classes == ["cat", "dog"] and d.n_classes == 2
+        assert [d[i][1] for i in range(len(d))] == [0, 1, 1]
+        assert d.summary == "skipped 1 image outside class folders (loose.png)"
+    flat = tmp_path / "dog" / "sub"
+    assert make_dataset("folder", flat, 8).n_classes == 0
+    with pytest.raises(UserError, match="no class subfolders"):
+        make_dataset("imagenet", flat, 8)
+    (tmp_path / "top" / "train").mkdir(parents=True)
+    (tmp_path / "dog").rename(tmp_path / "top" / "train" / "n02084071")
+    with pytest.raises(UserError, match="pass .*train"):
+        make_dataset("imagenet", tmp_path / "top", 8)
+
+
+def test_bad_data_gives_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("x")
+    cases = [
+        (("folder", tmp_path / "empty", 32), "no images found"),
+        (("folder", tmp_path / "texts", 32), r"no images found .*1 non-image file \(a.txt\)"),
+        (("imagenet", tmp_path / "missing", 32), "does not exist"),
+        (("folder", tmp_path / "texts" / "a.txt", 32), "not a directory"),
+        (("folder", None, 32), "needs a data root"),
+        (("webdataset", None, 32), "unknown data source 'webdataset'"),
+        (("synthetic", None, 0), "positive integer"),
+        (("folder", tmp_path / "texts", 32, False, 5), "only applies to synthetic"),
+        (("synthetic", None, 32, False, 0), "length must be positive"),
+        (("prepared", tmp_path / "empty", 32), "no prepared data"),
+    ]
+    for args, message in cases:
+        with pytest.raises(UserError, match=message) as info:
+            make_dataset(*args)
+        assert "\n" not in str(info.value)
+
+
+def test_all_images_unreadable_is_an_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"junk")
+    d = make_dataset("folder", tmp_path, 8)
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="none of the 1 images"):
+        d[0]
+
+
+def test_cifar10_wraps_torchvision_and_explains_offline(tmp_path, monkeypatch):
+    import torchvision
+
+    class FakeCifar:
+        def __init__(self, root, train, download):
+            self.data = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+            self.targets = [3, 1, 4, 1]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCifar)
+    d = make_dataset("cifar10", tmp_path, 32)
+    x, y = d[2]
+    assert y == 4 and d.n_classes == 10 and len(d) == 4
+    assert torch.equal(x, torch.from_numpy(FakeCifar(0, 0, 0).data[2]).permute(2, 0, 1) / 127.5 - 1)
+    assert make_dataset("cifar10", tmp_path, 64)[0][0].shape == (3, 64, 64)
+
+    def offline(root, train, download):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(UserError, match="cifar-10-python.tar.gz") as info:
+        make_dataset("cifar10", tmp_path, 32)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_prepare_matches_the_direct_dataset(tmp_path):
+    save_odd_images(tmp_path / "cls" / "a")
+    Image.new("RGB", (50, 20), (1, 2, 3)).save(tmp_path / "cls" / "b.png")
+    (tmp_path / "cls" / "b").mkdir()
+    Image.new("RGB", (50, 20), (1, 2, 3)).save(tmp_path / "cls" / "b" / "c.png")
+    log = tmp_path / "log.txt"
+    for source, root, length in [("folder", tmp_path / "cls", None), ("synthetic", None, 37)]:
+        out = tmp_path / f"prepared-{source}"
+        with warnings.catch_warnings(), open(log, "w") as f:
+            warnings.simplefilter("ignore")
+            prepare_dataset = data.prepare(source, root, 12, out, workers=0, length=length,
+                                           batch_size=5, log=f)
+        assert f"{len(prepare_dataset)}/{len(prepare_dataset)}" in log.read_text()
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["images.npy", "labels.npy", "meta.json"]
+        direct = make_dataset(source, root, 12, length=length)
+        prepared = make_dataset("prepared", out, 12)
+        assert len(prepared) == len(direct) and prepared.n_classes == direct.n_classes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(len(direct)):
+                (x, y), (xp, yp) = direct[i], prepared[i]
+                assert y == yp and (x - xp).abs().max() <= 1 / 127.5
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["count"] == len(direct) and meta["size"] == 12
+    assert meta["n_classes"] == 10
+    folder_meta = json.loads((tmp_path / "prepared-folder" / "meta.json").read_text())
+    assert folder_meta["n_classes"] == 2
+    assert "1 unreadable image (corrupt.png)" in folder_meta["skipped"]
+
+    with pytest.raises(UserError, match="is 12x12, not 16x16; prepare it again with --size 16"):
+        make_dataset("prepared", out, 16)
+    # A worker process gets the file name, not a copy of the whole array.
+    assert len(pickle.dumps(prepared)) < 3000 and np.array_equal(
+        pickle.loads(pickle.dumps(prepared)).pixels(5)[0], prepared.pixels(5)[0])
+    (out / "images.npy").unlink()
+    with pytest.raises(UserError, match="incomplete"):
+        make_dataset("prepared", out, 12)
+
+
+@pytest.mark.slow
+def test_prepare_command_line(tmp_path):
+    save_odd_images(tmp_path / "images")
+    command = [sys.executable, os.path.join(HERE, "data.py"), "prepare", "--data", "folder",
+               "--data-root", str(tmp_path / "images"), "--size", "8", "--workers", "2"]
+    done = subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # The unreadable file was found inside a worker process, and still reported here.
+    assert "skipped 1 non-image file (notes.txt), 1 unreadable image (corrupt.png)" in done.stderr
+    assert "prepare 7/7" in done.stderr
+    assert len(make_dataset("prepared", tmp_path / "out", 8)) == 7
+
+    command[command.index("--data-root") + 1] = str(tmp_path / "nowhere")
+    bad = subprocess.run(command + ["--out", str(tmp_path / "out2")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"error: data root {tmp_path / 'nowhere'} "
+                                                "does not exist"]
+    typo = subprocess.run(command[:-4] + ["--size", "8x", "--out", str(tmp_path / "out3")], capture_output=True,
+                          text=True, timeout=120)
+    assert typo.returncode == 2
+    assert typo.stderr.strip().splitlines() == ["error: argument --size: invalid int value: '8x' (see --help)"]
+
+
+@pytest.mark.slow
+def test_folder_of_odd_images_trains_and_reports_skipped_files(tmp_path, capsys):
+    """Grayscale, RGBA, palette, CMYK and 16-bit images train; a corrupt file and a text file
+    are skipped, named and counted in the summary, and nothing crashes mid-epoch."""
+    save_odd_images(tmp_path / "images")
+    # Two loader processes: the unreadable file is found inside a worker, and still reported.
+    code = train.main(["--data", "folder", "--data-root", tmp_path / "images", "--size", "32", "--ch", "8",
+                       "--batch-size", "2", "--steps", "5", "--log-every", "5", "--workers", "2",
+                       "--out", tmp_path / "run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert '"n_classes": 0' in out  # a flat folder: unconditional
+    assert "skipped 1 non-image file (notes.txt), 1 unreadable image (corrupt.png)" in out
+    assert runs.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 5
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes on train.py's command line: one line, exit 2
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_missing_imagenet_root_is_one_clear_line():
+    code, out, err = run_cli("train.py", "--data", "imagenet", "--data-root", "/nonexistent")
+    assert code != 0
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert err.startswith("error:") and "/nonexistent" in err
+
+
+@pytest.fixture(scope="module")
+def bad_train_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_train")
+    (d / "empty").mkdir()
+    (d / "junk.pt").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, d / "foreign.pt")
+    torch.save({"format": "sagan-checkpoint", "version": 99}, d / "v99.pt")
+    assert train.main(TINY + ["--steps", "1", "--device", "cpu", "--out", d / "run"]) == 0  # before the autouse CPU fixture
+    whole = (d / "run" / "ckpt.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--data", "mnist"], "unknown data source 'mnist'"),
+    (["--data", "imagenet"], "needs --data-root"),
+    (["--data", "folder", "--data-root", "{d}/missing"], "does not exist"),
+    (["--data", "folder", "--data-root", "{d}/empty"], "no images found"),
+    (["--data", "prepared", "--data-root", "{d}/empty"], "no prepared data"),
+    (["--size", "48"], "size 48 is not supported"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--lr-g", "0"], "--lr-g must be positive"),
+    (["--lr-d=-1e-4"], "--lr-d must be positive"),
+    (["--beta2", "1.5"], "must lie in [0, 1)"),
+    (["--batch-size", "10", "--accum", "3"], "must divide"),
+    (["--attn", "8,x"], "--attn takes integers such as 64 or 32,64, or none"),
+    (["--attn", "32"], "attention resolution 32 is not a feature-map size"),
+    (["--device", "tpu"], "--device tpu is not supported"),
+    (["--seed", "-1"], "--seed must lie in [0, 4294967294]"),
+    (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--seed", "4294967296"], "--seed must lie in [0, 4294967294]"),
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--resume", "{d}/missing.pt"], "does not exist"),
+    (["--resume", "{d}/junk.pt"], "not a readable sagan checkpoint"),
+    (["--resume", "{d}/truncated.pt"], "not a readable sagan checkpoint"),
+    (["--resume", "{d}/foreign.pt"], "is not a sagan checkpoint"),
+    (["--resume", "{d}/v99.pt"], "format version 99"),
+    (["--eval-every", "5", "--ref-stats", "{d}/junk.pt"], "cannot read statistics file"),
+    (["--eval-every", "5", "--eval-n", "5"], "--eval-n must be at least 10"),
+    (["--dims", "4"], "dims 4 is not supported"),
+    (["--dims", "3", "--size", "64"], "size 64 is not supported at dims 3"),
+    (["--dims", "3", "--data", "cifar10"], "cifar10 data is 2-D and the model 3-D"),
+    (["--data", "synthetic3d", "--dims", "2", "--size", "32"], "synthetic3d data is 3-D and the model 2-D"),
+    (["--dims", "3", "--eval-every", "5", "--ref-stats", "{d}/junk.pt"], "IS and FID are defined for images, not volumes"),
+])
+def test_train_user_errors_print_one_line_and_exit_2(args, message, bad_train_inputs, tmp_path, capsys):
+    argv = [a.format(d=bad_train_inputs) for a in args] + ["--out", tmp_path / "out"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.slow
+def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert train.main(TINY + ["--steps", "1", "--out", tmp_path / "file" / "run"]) == 2
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_names_the_conflict(tmp_path, capsys):
+    assert train.main(TINY + ["--steps", "1", "--out", tmp_path]) == 0
+    assert train.main(["--resume", "--out", tmp_path, "--ch", "16", "--attn", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "ch (checkpoint: 8, now: 16)" in err and "attn" in err
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, for real: kills, signals, divergence, full disks, damaged and hostile files
+# ---------------------------------------------------------------------------------------------
+
+
+def start_training(out, *extra):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+
+
+def wait_for_new(path, proc, timeout=90):
+    """Wait until `proc` has written `path` (a new file, or a newer one)."""
+    t, before = time.time(), os.path.getmtime(path) if os.path.exists(path) else 0
+    while not os.path.exists(path) or os.path.getmtime(path) == before:
+        assert proc.poll() is None, proc.communicate()[1]  # a string, which pytest shows whole
+        assert time.time() - t < timeout
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path):
+    """A checkpoint every step, so most kills land during or next to a write."""
+    rng = pyrandom.Random(0)
+    ckpt, steps_seen = tmp_path / "ckpt.pt", []
+    for attempt in range(4):
+        extra = ["--steps", "1000", "--ckpt-every", "1"] + (["--resume"] if attempt else [])
+        proc = start_training(tmp_path, *extra)
+        wait_for_new(ckpt, proc)
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()  # SIGKILL: no handler runs, no cleanup
+        proc.communicate()
+        steps_seen.append(runs.load_checkpoint(str(ckpt))["step"])
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] > steps_seen[0]  # resumed, went on
+    assert train.main(TINY + ["--resume", "--out", tmp_path, "--steps", steps_seen[-1] + 2]) == 0
+    assert runs.load_checkpoint(str(ckpt))["step"] == steps_seen[-1] + 2
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # stale temp files cleaned
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+    proc = start_training(tmp_path, "--steps", "100000", "--log-every", "1")
+    while "step 2/" not in proc.stdout.readline():
+        assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "checkpoint saved" in out and "Traceback" not in err
+    step = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
+    assert 2 <= step < 100000 and f"at step {step}" in out
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_process_at_one_step_and_saves(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *TINY, "--steps", "100000", "--log-every", "1", "--device", "cpu",
+           "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while "step 2/" not in proc.stdout.readline():
+        assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both processes
+    out, err = proc.communicate(timeout=120)
+    step = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
+    assert step >= 2 and f"stopped by signal 15 at step {step}" in out
+    # torchrun itself reports the signal with a traceback of its own; no process of ours crashed.
+    assert f'File "{os.path.join(HERE, "train.py")}"' not in err
+
+
+def test_a_second_signal_stops_at_once_and_frees_the_folder(tmp_path, monkeypatch, capsys):
+    assert train.main(TINY + ["--steps", "2", "--ckpt-every", "2", "--out", tmp_path]) == 0
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    real_iteration = train.GAN.iteration
+
+    def stuck(self, batches):  # as if blocked in a read: only a signal gets it out
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        return real_iteration(self, batches)
+    monkeypatch.setattr(train.GAN, "iteration", stuck)
+    start = time.time()
+    assert train.main(["--resume", "--out", tmp_path, "--steps", "10"]) == 130
+    assert time.time() - start < 30 and "second signal" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+    monkeypatch.setattr(train.GAN, "iteration", real_iteration)
+    assert train.main(["--resume", "--out", tmp_path, "--steps", "3"]) == 0  # the folder is free again
+
+
+@pytest.mark.slow
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """A full disk during a write: the old checkpoint stays, a warning says so, training goes on."""
+    assert train.main(TINY + ["--steps", "2", "--ckpt-every", "2", "--out", tmp_path]) == 0
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    code = train.main(["--resume", "--out", tmp_path, "--steps", "5", "--ckpt-every", "1"])
+    assert code == 2  # the final checkpoint could not be written: not a silent success
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "intact" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["loss", "weight"])
+def test_divergence_stops_with_the_step_and_the_quantity(tmp_path, monkeypatch, capsys, where):
+    assert train.main(TINY + ["--steps", "3", "--ckpt-every", "3", "--out", tmp_path]) == 0
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    real_iteration = train.GAN.iteration
+
+    def poisoned(self, batches):
+        stats = real_iteration(self, batches)
+        if where == "loss":
+            return torch.cat([stats[:2], torch.tensor([float("nan")]), stats[3:]])
+        with torch.no_grad():
+            self.G.conv_out.parametrizations.weight.original.fill_(float("inf"))
+        return stats
+    monkeypatch.setattr(train.GAN, "iteration", poisoned)
+    code = train.main(["--resume", "--out", tmp_path, "--steps", "6", "--ckpt-every", "1"])
+    assert code == 3
+    err = capsys.readouterr().err
+    expected = "loss_g is nan at step 4" if where == "loss" else "G.conv_out.parametrizations.weight.original"
+    assert expected in err and "last good checkpoint" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    """torch.load(weights_only=True) never runs a pickle's code; a test that would notice if it did."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    import pickle
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": "sagan-checkpoint", "version": 1, "G": Exploit()}, f)
+    with pytest.raises(UserError, match="unsafe"):
+        runs.load_checkpoint(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_fresh_run_never_destroys_the_run_in_its_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--steps", "4", "--log-every", "1", "--ckpt-every", "4", "--out", out]) == 0
+    before = snapshot(out)
+    # The most common thing a user does: the same command again, or a shorter one.
+    assert train.main(TINY + ["--steps", "3", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run (its checkpoint is at step 4)" in err
+    assert "--resume" in err and "--overwrite" in err
+    # A mistake found late (a statistics file that is not there) touches nothing either.
+    assert train.main(["--resume", "--out", out, "--steps", "6", "--eval-every", "2",
+                       "--ref-stats", tmp_path / "missing.npz"]) == 2
+    assert "cannot read statistics file" in capsys.readouterr().err
+    assert train.main(["--resume", "--overwrite", "--out", out]) == 2
+    assert snapshot(out) == before
+    # --overwrite starts afresh: the old checkpoint, log and samples go.
+    assert train.main(TINY + ["--steps", "2", "--log-every", "1", "--overwrite", "--out", out]) == 0
+    assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2]
+    assert runs.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+    assert os.listdir(out / "samples") == ["step_0000002.png"]
+
+
+@pytest.mark.slow
+def test_a_second_process_in_a_run_folder_is_refused_and_the_first_goes_on(tmp_path, capsys):
+    proc = start_training(tmp_path, "--steps", "100000", "--log-every", "1", "--ckpt-every", "2")
+    try:
+        while "step 3/" not in proc.stdout.readline():
+            assert proc.poll() is None, proc.communicate()[1]  # a string, which pytest shows whole
+        for extra in (["--resume"], ["--overwrite"]):
+            assert train.main(TINY + extra + ["--out", tmp_path]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"is in use by a training run (pid {proc.pid})" in err, err
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "log.jsonl")]
+    assert steps == list(range(1, steps[-1] + 1))  # every step once, in order
+    assert runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == steps[-1]
+    assert train.main(TINY + ["--resume", "--out", tmp_path, "--steps", steps[-1] + 1]) == 0  # the lock is gone
+
+
+def test_stale_temporary_files_are_removed_only_when_their_owner_is_gone(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        names = [f"ckpt.pt.tmp{dead.pid}", f"ckpt.pt.tmp{alive.pid}", f".staging{dead.pid}", "notes.tmp", "ckpt.pt"]
+        for name in names:
+            (tmp_path / name).write_text("x")
+        runs.remove_stale(tmp_path)
+        assert sorted(os.listdir(tmp_path)) == sorted(names[1:2] + names[3:])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_full_disk_through_dev_full_is_one_warning_per_kind_and_training_goes_on(tmp_path, capsys):
+    """/dev/full answers every write with a genuine ENOSPC: the log line, the sample grid, the
+    checkpoint and config.json go through it via links, and each is written by the real code."""
+    assert train.main(TINY + ["--steps", "5", "--ckpt-every", "5", "--out", tmp_path]) == 0
+    capsys.readouterr()
+    (tmp_path / "log.jsonl").unlink()
+    pid = os.getpid()
+    for name in ("log.jsonl", f"ckpt.pt.tmp{pid}", f"config.json.tmp{pid}", f"samples/step_0000006.png.tmp{pid}"):
+        os.symlink("/dev/full", tmp_path / name)
+    assert train.main(["--resume", "--out", tmp_path, "--steps", "8", "--ckpt-every", "1", "--log-every", "1",
+                       "--sample-every", "6"]) == 0
+    err = capsys.readouterr().err
+    for what in ("log", "config.json", "sample grid"):
+        assert err.count(f"could not write the {what} in") == 1, err
+    assert err.count("could not write the checkpoint at step 6 (No space left on device); the previous one") == 1
+    assert runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 8  # the next saves worked
+    assert os.readlink(tmp_path / "log.jsonl") == "/dev/full"
+    assert not [p for p in tmp_path.rglob("*.tmp*") if not p.is_symlink()]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MB filesystem (tmpfs; mounting needs root, as CI has)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def fill(folder):
+    """Fill the filesystem of folder to the last byte."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    for chunk in (b"\0" * 65536, b"\0"):
+        try:
+            while os.write(fd, chunk):
+                pass
+        except OSError:
+            pass
+    os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_keeps_every_previous_file_whole(small_disk, capsys):
+    """On a full filesystem torch.save fails inside its zip writer (a RuntimeError, not an
+    OSError), appends stop half-way and memory maps cannot grow: the checkpoint, the log, the
+    statistics and the prepared data stay as they were, each failure is one line, and a final
+    checkpoint that cannot be written is exit 2."""
+    run, prep = small_disk / "run", small_disk / "prep"
+    assert train.main(TINY + ["--steps", "3", "--log-every", "1", "--ckpt-every", "3", "--out", run]) == 0
+    data.prepare("synthetic", None, 8, prep, workers=0, length=20, log=open(os.devnull, "w"))
+    np.savez(small_disk / "stats.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with open(run / "log.jsonl", "a") as f:  # a valid line that ends the log on a page boundary,
+        size = f.tell() + len('{"step": 3, "pad": ""}\n')  # so that the next line needs a new page
+        f.write(json.dumps({"step": 3, "pad": "x" * (-size % 4096)}) + "\n")
+    before = snapshot(small_disk)
+    fill(small_disk)
+    capsys.readouterr()
+    assert train.main(["--resume", "--out", run, "--steps", "6", "--log-every", "1", "--ckpt-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write the checkpoint at step 4" in err and "the final checkpoint could not be written" in err
+    assert err.count("could not write the log") == 1 and "Traceback" not in err
+    with pytest.raises(UserError, match="cannot write the prepared data .* the previous preparation there is intact"):
+        data.prepare("synthetic", None, 8, prep, workers=0, length=50, log=open(os.devnull, "w"))
+    with pytest.raises(OSError):
+        runs.atomic_write(small_disk / "stats.npz", lambda f: np.savez(f, mu=np.ones(3000), sigma=np.eye(300)))
+    (small_disk / "filler").unlink()
+    after = snapshot(small_disk)
+    assert {k: v for k, v in after.items() if k != "run/.lock"} == {k: v for k, v in before.items() if k != "run/.lock"}
+    assert len(make_dataset("prepared", prep, 8)) == 20
+    assert runs.load_checkpoint(str(run / "ckpt.pt"))["step"] == 3
+
+
+@pytest.mark.slow
+def test_damaged_log_lines_are_dropped_with_one_warning(tmp_path, capsys):
+    assert train.main(TINY + ["--steps", "4", "--log-every", "1", "--ckpt-every", "4", "--out", tmp_path]) == 0
+    with open(tmp_path / "log.jsonl", "ab") as f:  # what full disks, crashes and accidents leave
+        f.write(b'{"step": 5, "loss_d_re\n\xff\xfe\x00garbage\n[1, 2]\n{"step": "6"}\n"text"\n')
+    capsys.readouterr()
+    assert train.main(["--resume", "--out", tmp_path, "--steps", "6"]) == 0
+    assert "dropped 5 damaged lines of 9" in capsys.readouterr().err
+    assert [json.loads(l)["step"] for l in open(tmp_path / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_with_missing_or_wrong_parts_is_one_line(tmp_path, ckpt):
+    whole = torch.load(ckpt, weights_only=True)
+    torch.save({k: v for k, v in whole.items() if k not in ("D", "opt_G")}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match="damaged sagan checkpoint: it lacks D, opt_G"):
+        runs.load_checkpoint(str(tmp_path / "partial.pt"))
+    torch.save({**whole, "model": {**whole["model"], "ch": 16}}, tmp_path / "mismatch.pt")
+    with pytest.raises(UserError, match="its G_ema does not fit its model configuration"):
+        ev.load_generator(str(tmp_path / "mismatch.pt"))
+    torch.save({k: v for k, v in whole.items() if k != "G"}, tmp_path / "no_g.pt")
+    with pytest.raises(UserError, match="lacks G"):
+        ev.load_generator(str(tmp_path / "no_g.pt"))
+
+
+def test_a_prepared_folder_that_does_not_match_its_metadata_is_one_line(tmp_path):
+    out = tmp_path / "prep"
+    data.prepare("synthetic", None, 8, out, workers=0, length=12, log=open(os.devnull, "w"))
+    assert len(make_dataset("prepared", out, 8)) == 12
+    labels = np.load(out / "labels.npy")
+    meta = json.loads((out / "meta.json").read_text())
+    for name, content, message in [
+            ("labels.npy", labels[:5], "labels.npy is int64 (5,), meta.json says 12 labels"),
+            ("labels.npy", labels + 10, "labels outside 0..9"),
+            ("labels.npy", labels.astype(np.float32), "labels.npy is float32"),
+            ("meta.json", {**meta, "count": 13}, "images.npy is uint8 (12, 8, 8, 3), meta.json says 13 images"),
+            ("meta.json", {k: v for k, v in meta.items() if k != "count"}, "not from this version")]:
+        saved = (out / name).read_bytes()
+        if name == "meta.json":
+            (out / name).write_text(json.dumps(content))
+        else:
+            np.save(out / name, content)
+        with pytest.raises(UserError, match=re.escape(message)):
+            make_dataset("prepared", out, 8)
+        (out / name).write_bytes(saved)
+
+
+def test_two_prepares_into_one_folder_cannot_mix(tmp_path):
+    out = tmp_path / "prep"
+    out.mkdir()
+    with runs.FolderLock(out, "data.py prepare (pid 12345)"):  # another process is preparing
+        with pytest.raises(UserError, match=r"is in use by data.py prepare"):
+            data.prepare("synthetic", None, 8, out, workers=0, length=12, log=open(os.devnull, "w"))
+    assert not (out / "meta.json").exists() and not (out / "images.npy").exists()
+
+
+def test_scanning_takes_regular_files_and_each_folder_once(tmp_path):
+    root = tmp_path / "data"
+    for rel in ("a/1.png", "a/2.png", "b/3.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(root / rel)
+    os.mkfifo(root / "a" / "fifo.png")  # opening it would block forever
+    os.symlink(".", root / "a" / "self")  # a loop
+    os.symlink("..", root / "b" / "up")  # back to the root: every image again, under label b
+    os.symlink("a", root / "c")  # a second link to a class folder
+    files, labels, classes, skipped = data.scan(root)
+    assert [os.path.relpath(f, root) for f in files] == ["a/1.png", "a/2.png", "b/3.png"]
+    assert labels == [0, 0, 1] and classes == ["a", "b"]
+    reasons = {os.path.relpath(p, root): r for p, r in skipped}
+    assert reasons["a/fifo.png"] == "not a regular file"
+    assert reasons["b/up"] == "link to a folder that contains the data root"
+    assert "read before" in reasons["a/self"] and "read before" in reasons["c"]
+
+
+@pytest.mark.slow
+def test_a_folder_with_a_fifo_and_a_link_loop_trains(tmp_path):
+    root = tmp_path / "data"
+    save_odd_images(root)
+    os.mkfifo(root / "stuck.png")
+    os.symlink(".", root / "again")
+    code, out, err = run_cli("train.py", "--data", "folder", "--data-root", root, "--size", "32", "--ch", "8",
+                             "--batch-size", "2", "--steps", "2", "--out", tmp_path / "run", timeout=120)
+    assert code == 0, err
+    assert "1 not a regular file (stuck.png)" in out and "link to a folder that contains the data root (again)" in out
+
+
+def test_statistics_that_would_poison_fid_are_refused_on_load(tmp_path):
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    bad = {"nan": (np.full(2048, np.nan), sigma), "inf": (mu, np.where(np.eye(2048) > 0, np.inf, 0.0)),
+           "asym": (mu, sigma + np.triu(np.ones((2048, 2048)), 1))}
+    for name, (m, s) in bad.items():
+        np.savez(tmp_path / f"{name}.npz", mu=m, sigma=s)
+    for name, message in [("nan", "NaN or infinite"), ("inf", "NaN or infinite"), ("asym", "not symmetric")]:
+        with pytest.raises(UserError, match=message):
+            ev.load_stats(str(tmp_path / f"{name}.npz"))
+    np.savez(tmp_path / "good.npz", mu=mu, sigma=sigma)
+    assert ev.load_stats(str(tmp_path / "good.npz"))[0].shape == (2048,)
+
