@@ -236,6 +236,22 @@ class Synthetic(ImageSet):
         return (image * 255 + 0.5).astype(np.uint8), label
 
 
+# The brightest channel of an object pixel is above this, of a background pixel below: the
+# background is at most 0.25, the dimmest object (brown at its lowest shade) 0.48.
+OBJECT_LEVEL = 0.375
+
+
+def object_masks(images):
+    """The two objects of synthetic-like images, uint8 (B, 3, S, S) -> left and right masks
+    (B, S, S), or of volumes (B, 3, S, S, S) -> (B, S, S, S): the pixels whose brightest channel
+    is above OBJECT_LEVEL, split at the vertical centre line (plane), which no real object crosses."""
+    bright = images.amax(dim=1).float() / 255 > OBJECT_LEVEL  # (B, S, S[, S])
+    left = bright.clone()
+    left[..., images.shape[-1] // 2:] = False
+    return left, bright & ~left
+
+
+
 # --- image files --------------------------------------------------------------------------------
 
 def load_image(path, size):

@@ -446,30 +446,58 @@ def draw_dot(img, x, y, colour, radius):
     img[:, d2 <= radius ** 2] = colour[:, None]
 
 
+def figure5_points(images):
+    """Three query points for each synthetic-like sample uint8 (K, 3, S, S[, S]), from its own
+    object masks (data.object_masks): the pixel of the left object nearest its centre, that
+    pixel's mirror image, and the background pixel farthest from both objects. A sample without
+    an object gets three spread points. Returns (K, 3, dims) as (x, y[, z])."""
+    S, dims = images.shape[-1], images.dim() - 2
+    grid = torch.stack(torch.meshgrid(*[torch.arange(S)] * dims, indexing="ij"), -1).flatten(0, -2)  # (N, dims), (z,) y, x
+    points = []
+    for left, right in zip(*data.object_masks(images)):
+        on, off = left.flatten(), ~(left | right).flatten()  # (N,)
+        if not on.any() or not off.any():
+            points.append(SPREAD_POINTS[dims] * S // 100)
+            continue
+        at = grid[on].float()
+        centre = at[(at - at.mean(0)).norm(dim=1).argmin()]  # on the object, also where its centre is not
+        mirror = centre.clone()
+        mirror[-1] = S - 1 - centre[-1]
+        objects = grid[~off].float()
+        background = grid[off][torch.cdist(grid[off].float(), objects).amin(1).argmax()]
+        points.append(torch.stack([centre.long(), mirror.long(), background]).flip(-1))  # as (x, y[, z])
+    return torch.stack(points)
+
+
+# Three spread query points, in hundredths of the side as (x, y[, z]), for samples without objects.
+SPREAD_POINTS = {2: torch.tensor([[30, 30], [70, 45], [45, 75]]), 3: torch.tensor([[30, 30, 50], [70, 45, 50], [45, 75, 50]])}
+
+
 @torch.no_grad()
-def attention_maps(G, z, y, points):
-    """G's samples and, for each query pixel (x, y) or voxel (x, y, z) in points, the attention of
-    its last attention layer (Figure 5). Returns images (K, 3, S, S) or volumes (K, 3, S, S, S) in
-    [-1, 1], beta (K, N, M) and maps (K, P, h, w) or (K, P, d, h, w): beta's rows for the query
-    points on the (pooled) key grid, each summing to 1."""
+def attention_maps(G, z, y, points=None):
+    """G's samples and, for each query pixel (x, y) or voxel (x, y, z), the attention of its last
+    attention layer (Figure 5). points: (K, P, dims), each sample's own, or None for
+    figure5_points. Returns images (K, 3, S, S) or volumes (K, 3, S, S, S) in [-1, 1], beta
+    (K, N, M), maps (K, P, h, w) or (K, P, d, h, w), beta's rows for the query points on the
+    (pooled) key grid, each summing to 1, and the points."""
     images, betas = G(z, y, return_attention=True)
     if not betas:
         raise UserError("this generator has no attention layer (trained with --attn none)")
     beta = betas[-1]  # (K, N, M), Eq. (1): softmax over the M keys for each of the N queries
     S, dims = images.shape[-1], images.dim() - 2
+    points = figure5_points(quantize(images).cpu()) if points is None else torch.as_tensor(points)
     side_q, side_k = (round(n ** (1 / dims)) for n in beta.shape[1:])  # square or cubic feature maps
-    queries = []
-    for point in points:  # row-major over (z,) y, x: the flattening of SelfAttention
-        index = 0
-        for coordinate in reversed(point):
-            index = index * side_q + coordinate * side_q // S
-        queries.append(index)
-    return images, beta, beta[:, queries].reshape(len(z), len(points), *(side_k,) * dims)
+    queries = torch.zeros(points.shape[:2], dtype=torch.long)  # (K, P), row-major over (z,) y, x as SelfAttention flattens
+    for d in reversed(range(dims)):
+        queries = queries * side_q + points[..., d] * side_q // S
+    rows = beta.gather(1, queries.to(beta.device)[..., None].expand(-1, -1, beta.shape[2]))  # (K, P, M)
+    return images, beta, rows.reshape(*points.shape[:2], *(side_k,) * dims), points
 
 
 def attention_figure(images, maps, points):
-    """Figure 5's layout, a row per sample: the image with a coloured dot per query point, then a
-    panel per point with its attention map as heat over a grey copy of the image. Heat and opacity
+    """Figure 5's layout, a row per sample: the image with a coloured dot per query point (points
+    (K, P, dims), each sample's own), then a panel per point with its attention map as heat over
+    a grey copy of the image. Heat and opacity
     grow with log(attention / uniform attention): 0 where a key gets 1/M or less (a uniform map
     shows the plain grey image), 1 where all the attention is on one key. Returns (3, H, W) in [0, 1].
 
@@ -484,15 +512,16 @@ def attention_figure(images, maps, points):
     img = F.interpolate(img, scale_factor=f, mode="nearest").clamp(0, 1)
     heat = F.interpolate(volume_views(heat, pad_value=0.0), scale_factor=f, mode="nearest")
     grey = img.mean(dim=1, keepdim=True).expand_as(img)  # (K, 3, fH, fW)
-    dots = []  # per point, its dots (x, y, colour) in the zoomed pictures
-    for p, (px, py, *pz) in enumerate(points):
-        # An image: the point itself. A volume: on the nearest slice and on the projection; a
-        # panel is S + 1 pixels wide with its gap.
-        nearest = min(range(len(SLICES)), key=lambda i: abs(slice_index(SLICES[i], S) - pz[0])) if pz else 0
-        panels = [nearest, len(SLICES)] if pz else [0]
-        dots.append([((i * (S + 1) + px) * f + f // 2, py * f + f // 2, DOT_COLOURS[p % len(DOT_COLOURS)]) for i in panels])
     radius, pictures = max(2, f * S // 50), []
     for k in range(K):
+        dots = []  # per point, its dots (x, y, colour) in the zoomed pictures
+        for p, (px, py, *pz) in enumerate(points[k].tolist()):
+            # An image: the point itself. A volume: on the nearest slice and on the projection; a
+            # panel is S + 1 pixels wide with its gap.
+            nearest = min(range(len(SLICES)), key=lambda i: abs(slice_index(SLICES[i], S) - pz[0])) if pz else 0
+            panels = [nearest, len(SLICES)] if pz else [0]
+            dots.append([((i * (S + 1) + px) * f + f // 2, py * f + f // 2, DOT_COLOURS[p % len(DOT_COLOURS)])
+                         for i in panels])
         pictures.append(img[k].clone())
         for x, y, colour in sum(dots, []):
             draw_dot(pictures[-1], x, y, colour, radius)
@@ -536,7 +565,7 @@ class EvalConfig:
     size: int = 128  # image side for --data: the model's
     images: str = ""  # a folder of images or a uint8 .npy (N, H, W, 3): its IS and FID, or its statistics
     attention: str = ""  # write Figure 5 (G's last attention layer) to this PNG, the maps to .npz
-    points: str = ""  # query pixels "x,y;x,y;x,y" (voxels "x,y,z;...") for --attention (default: three spread)
+    points: str = ""  # query pixels "x,y;x,y;x,y" (voxels "x,y,z;...") for --attention (default: see figure5_points)
     k: int = 4  # images for --attention; samples per class for --grid
     grid: str = ""  # write a sample grid, a row per class, to this PNG
     classes: str = ""  # classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)
@@ -559,27 +588,32 @@ def _classes(text, n_classes, cap=16):
     return list(range(n_classes)) if n_classes <= cap else [round(i * (n_classes - 1) / (cap - 1)) for i in range(cap)]
 
 
-def _write_pictures(cfg, G, device):
+def _write_pictures(cfg, G, device, synthetic):
     model = G.cfg
     classes = _classes(cfg.classes, model.n_classes)
     if cfg.attention:
-        # By default three points spread over the image (fractions of its side), not picked by
-        # hand; in a volume, on its middle slice.
-        spread = [(0.3, 0.3), (0.7, 0.45), (0.45, 0.75)]
-        values = _ints(cfg.points, "--points", model.size, model.dims) if cfg.points else \
-            [int(f * model.size) for point in spread for f in (point + (0.5,))[:model.dims]]
-        points = [tuple(values[i:i + model.dims]) for i in range(0, len(values), model.dims)]
+        # The query points: the user's, the same in every sample; on the synthetic data each
+        # sample's own object, its mirror image and the background (figure5_points); else three
+        # points spread over the image.
+        if cfg.points:
+            values = _ints(cfg.points, "--points", model.size, model.dims)
+            points = torch.tensor(values).view(1, -1, model.dims).expand(cfg.k, -1, -1)
+        else:
+            points = None if synthetic else (SPREAD_POINTS[model.dims] * model.size // 100).expand(cfg.k, -1, -1)
         gen = torch.Generator().manual_seed(cfg.seed)
         z = torch.randn(cfg.k, model.z_dim, generator=gen)
         y = torch.tensor(classes)[torch.randint(len(classes), (cfg.k,), generator=gen)] if classes else None
-        images, beta, maps = attention_maps(G, z.to(device), None if y is None else y.to(device), points)
+        images, beta, maps, points = attention_maps(G, z.to(device), None if y is None else y.to(device), points)
         atomic_write(cfg.attention, lambda f: save_image(attention_figure(images, maps, points), f,
                                                          format=image_format(cfg.attention)))
         raw = os.path.splitext(cfg.attention)[0] + ".npz"
         atomic_write(raw, lambda f: np.savez(f, images=quantize(images).cpu().numpy(), beta=beta.float().cpu().numpy(),
-                                             points=np.array(points), maps=maps.float().cpu().numpy(),
+                                             points=points.numpy(), maps=maps.float().cpu().numpy(),
                                              labels=np.array([] if y is None else y.tolist())))
-        print(f"wrote {cfg.attention} and {raw} (beta: images x queries x keys = {tuple(beta.shape)})")
+        where = "given" if cfg.points else "on each sample's object, its mirror image and the background, " \
+            "from the object masks" if synthetic else "spread over the image"
+        print(f"wrote {cfg.attention} and {raw} (beta: images x queries x keys = {tuple(beta.shape)}; "
+              f"query points {where})")
     if cfg.grid:
         grid = volume_views(class_grid(G, classes, cfg.k, cfg.batch_size, device, cfg.seed))
         atomic_write(cfg.grid, lambda f: save_image(grid, f, nrow=cfg.k, format=image_format(cfg.grid)))
@@ -612,9 +646,9 @@ def evaluate(cfg):
     result = {"n": cfg.n, "source": cfg.ckpt or cfg.images or cfg.data, "ref_stats": cfg.ref_stats or None}
     if cfg.ckpt:
         G, model, weights, step, source = from_checkpoint(cfg.ckpt, device, cfg.ema)
-        if cfg.attention or cfg.grid:
-            return _write_pictures(cfg, G, device)
         synthetic = source in data.SOURCES and data.SOURCES[source].synthetic
+        if cfg.attention or cfg.grid:
+            return _write_pictures(cfg, G, device, synthetic)
         if model.dims != 2:
             raise UserError(f"IS and FID are defined for images; this generator makes volumes: "
                             f"python measures.py --ckpt {cfg.ckpt} measures it")

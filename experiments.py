@@ -49,7 +49,8 @@ TABLES = {  # name: (arms, what the table shows)
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 FINAL = [("mirror_error", "mirror error", "{:.4f}"), ("colour_fidelity", "colour", "{:.3f}"),
          ("shape_fidelity", "shape", "{:.3f}"), ("fid_probe", "FID (probes)", "{:.1f}"),
-         ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("reach", "reach", "{:.2f}")]
+         ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("spread", "spread", "{:.2f}"),
+         ("reach", "reach", "{:.2f}")]
 OVER_STEPS = [("fid_probe", "FID (probes)", "{:.1f}"), ("colour_fidelity", "colour fidelity", "{:.3f}"),
               ("shape_fidelity", "shape fidelity", "{:.3f}"), ("mirror_error", "mirror error", "{:.4f}")]
 

@@ -36,7 +36,6 @@ from runs import UserError, at_least, command, make_config, parse_flags, resolve
 from sagan import LAYER_TYPES
 
 PROBE_TRAIN, PROBE_TEST, PROBE_STEPS = 4000, 1000, 200  # probe data: indices from 10^6 on, unseen in training
-OBJECT_LEVEL = 0.375  # brightest channel of an object pixel: background <= 0.25, objects >= 0.48
 
 
 def synthetic_images(size, start, n, dims=2):
@@ -158,16 +157,32 @@ def precision_recall(real, fake, k=3, chunk=1000):
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 
-def object_masks(images):
-    """The two objects of synthetic-like images, uint8 (B, 3, S, S) -> left and right masks
-    (B, S, S), or of volumes (B, 3, S, S, S) -> (B, S, S, S): the pixels whose brightest channel
-    is above OBJECT_LEVEL, halfway between the brightest background (0.25) and the dimmest object
-    colour (brown at its lowest shade, 0.48), split at the vertical centre line (plane), which no
-    real object crosses."""
-    bright = images.amax(dim=1).float() / 255 > OBJECT_LEVEL  # (B, S, S[, S])
-    left = bright.clone()
-    left[..., images.shape[-1] // 2:] = False
-    return left, bright & ~left
+def object_layout(images):
+    """Where the left object of each synthetic-like image (volume) is and how large: (B, dims + 1),
+    its centre's row and column (and depth) and the square (cube) root of its area (volume), in
+    pixels, from object_masks; NaN for an image without an object."""
+    left = data.object_masks(images)[0].flatten(1).double()  # (B, N)
+    spatial = images.shape[2:]
+    grid = torch.stack(torch.meshgrid(*(torch.arange(s, dtype=torch.float64) for s in spatial), indexing="ij"), -1)
+    count = left.sum(1, keepdim=True)  # (B, 1)
+    centre = left @ grid.reshape(-1, len(spatial)) / count  # (B, dims), NaN where count is 0
+    return torch.cat([centre, count ** (1 / len(spatial))], 1).masked_fill(count == 0, float("nan"))
+
+
+def object_spread(fake, labels, real, real_labels):
+    """How widely a class's samples vary, against the data: for each class, the standard deviation
+    of its samples' object positions and sizes (object_layout) over that of the real images of the
+    class, averaged over positions and size. 1 is the data's own variety, 0 one picture per class.
+    Returns (the mean over the classes, {class: its spread}); a class with fewer than two samples
+    showing an object is left out."""
+    f, r = object_layout(fake), object_layout(real)
+    per_class = {}
+    for c in sorted(set(labels.tolist())):
+        fc, rc = f[labels == c], r[real_labels == c]
+        fc, rc = fc[~fc.isnan().any(1)], rc[~rc.isnan().any(1)]
+        if len(fc) >= 2 and len(rc) >= 2:
+            per_class[c] = (fc.std(0) / rc.std(0)).mean().item()
+    return (sum(per_class.values()) / len(per_class) if per_class else float("nan")), per_class
 
 
 def attention_reach(beta, left, right, cover=0.5):
@@ -212,7 +227,7 @@ def synthetic_metrics(G, n, batch_size=50, device="cpu", seed=0, probe_seed=0):
             fakes.append(quantize(images).cpu())
             labels.append(y)
             if betas:
-                reach.append(attention_reach(betas[-1].float().cpu(), *object_masks(fakes[-1])))
+                reach.append(attention_reach(betas[-1].float().cpu(), *data.object_masks(fakes[-1])))
     finally:
         G.train(was_training)
     reach = torch.cat(reach) if reach else torch.tensor([])
@@ -230,10 +245,13 @@ def sample_metrics(fake, labels, probe_seed=0):
         shape_fidelity     the same for the shape probe
         fid_probe          Frechet distance in the two probes' features side by side (64-d)
         precision, recall  Kynkaanniemi et al. (k = 3) in the same features
+        spread             object_spread: how the samples of a class vary in object position and
+                           size, against the real images of the class (real images: about 1)
+        spread_per_class   the same for each class, a list
     FID, precision and recall depend on n: compare them at equal n."""
     size, dims = fake.shape[-1], fake.dim() - 2
     nets, _ = probes(size, probe_seed, dims)
-    real = synthetic_images(size, 0, len(fake), dims)[0]
+    real, real_labels = synthetic_images(size, 0, len(fake), dims)
 
     def features(images):
         return torch.cat([torch.cat([nets[c].features(images[i:i + 500]) for c in nets], dim=1)
@@ -241,12 +259,14 @@ def sample_metrics(fake, labels, probe_seed=0):
 
     f_real, f_fake = features(real), features(fake)
     precision, recall = precision_recall(f_real, f_fake)
+    spread, per_class = object_spread(fake, labels, real, real_labels)
     return {
         "mirror_error": mirror_gap(fake),
         "colour_fidelity": (nets["colour"](fake).argmax(1) == labels).double().mean().item(),
         "shape_fidelity": (nets["shape"](fake).argmax(1) == labels).double().mean().item(),
         "fid_probe": frechet_distance(*feature_stats(f_real), *feature_stats(f_fake)),
         "precision": precision, "recall": recall,
+        "spread": spread, "spread_per_class": [round(per_class.get(c, float("nan")), 4) for c in range(10)],
     }
 
 
@@ -286,6 +306,9 @@ def print_measurements(r, model):
           f"(the probes of seed {r['probe_seed']} on held-out real {real}: {accuracy['colour']:.3f}, {accuracy['shape']:.3f})\n"
           f"  FID (probes)     {r['fid_probe']:.2f}   against {r['n']} training {real}, 64-d probe features\n"
           f"  precision        {r['precision']:.3f}, recall {r['recall']:.3f}   (k = 3, same features)\n"
+          f"  spread           {r['spread']:.2f}   of object positions and sizes within a class, over the data's; "
+          f"real {real} 1, one picture per class 0\n"
+          f"                   per class: {' '.join(f'{v:.2f}' for v in r['spread_per_class'])}\n"
           f"  attention reach  {reach}: attention on the mirror object over its share of the image")
 
 

@@ -407,8 +407,8 @@ def test_folder_of_odd_images_trains_and_reports_skipped_files(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_missing_imagenet_root_is_one_clear_line():
-    code, out, err = run_cli("train.py", "--data", "imagenet", "--data-root", "/nonexistent")
+def test_missing_imagenet_root_is_one_clear_line(tmp_path):
+    code, out, err = run_cli("train.py", "--data", "imagenet", "--data-root", "/nonexistent", "--out", tmp_path / "run")
     assert code != 0
     assert "Traceback" not in err and err.strip().count("\n") == 0
     assert err.startswith("error:") and "/nonexistent" in err

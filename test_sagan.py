@@ -868,6 +868,7 @@ def test_synthetic_measurements_of_real_images(held_out):
     assert m["mirror_error"] == 0.0
     assert m["colour_fidelity"] > 0.97 and m["shape_fidelity"] > 0.97, m
     assert m["fid_probe"] < 3 and m["precision"] > 0.85 and m["recall"] > 0.85, m
+    assert 0.85 < m["spread"] < 1.15 and len(m["spread_per_class"]) == 10, m
 
 
 def test_synthetic_measurements_of_broken_samples(held_out):
@@ -882,6 +883,24 @@ def test_synthetic_measurements_of_broken_samples(held_out):
     m = measures.sample_metrics(threes, y)
     assert m["mirror_error"] == 0.0 and abs(m["colour_fidelity"] - (y == 3).double().mean().item()) < 0.02, m
     assert m["shape_fidelity"] < 0.15 and m["recall"] < 0.3 and m["fid_probe"] > 20 * good["fid_probe"], m
+
+
+def test_the_spread_of_objects_within_a_class_reads_variety_not_place(held_out):
+    """Real images spread as the data does (about 1), one sample repeated not at all (0), each
+    class's one picture not at all, and a copy of the real set moved 3 pixels down exactly as much
+    as the real set: the spread measures variety within a class, not where the objects are."""
+    x, y = held_out
+    real, real_labels = measures.synthetic_images(32, 0, len(x))
+    spread, per_class = measures.object_spread(x, y, real, real_labels)
+    assert 0.85 < spread < 1.15 and sorted(per_class) == list(range(10)), (spread, per_class)
+    assert measures.object_spread(x[:1].repeat(len(x), 1, 1, 1), y, real, real_labels)[0] == 0.0
+    first = torch.stack([x[y == c][0] for c in range(10)])  # one picture per class
+    assert measures.object_spread(first[y], y, real, real_labels)[0] == 0.0
+    shifted = torch.cat([torch.zeros_like(x[..., :3, :]), x[..., :-3, :]], dim=-2)
+    assert measures.object_spread(shifted, y, real, real_labels)[0] == pytest.approx(spread, abs=0.05)
+    layout = measures.object_layout(x[:4])  # row, column, square root of the area
+    assert torch.allclose(measures.object_layout(shifted[:4]), layout + torch.tensor([3.0, 0, 0]), atol=0.5)
+    assert measures.object_layout(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).isnan().all()
 
 
 def test_the_probes_do_not_depend_on_the_thread_count(monkeypatch):
@@ -909,8 +928,23 @@ def test_the_shape_probe_does_not_see_colour(monkeypatch):
     assert m["shape_fidelity"] > 0.95 and m["colour_fidelity"] < 0.05, m
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_figure_5_puts_its_query_points_on_the_object_its_mirror_and_the_background(dims):
+    """On real synthetic images and volumes, the default query points fall in each sample's
+    left object, in its mirror object and on the background; a sample without objects gets the
+    spread points."""
+    x, _ = measures.synthetic_images(32 if dims == 2 else 16, 200_000, 30, dims)
+    points = ev.figure5_points(x)  # (K, 3, dims) as (x, y[, z])
+    left, right = data.object_masks(x)
+    at = lambda mask, p: mask[(torch.arange(len(x)), *points[:, p].flip(-1).unbind(-1))]
+    assert at(left, 0).all() and at(right, 1).all() and not (at(left, 2) | at(right, 2)).any()
+    assert torch.equal(points[:, 1, 0], x.shape[-1] - 1 - points[:, 0, 0])  # the mirror pixel
+    empty = ev.figure5_points(torch.zeros(1, *x.shape[1:], dtype=torch.uint8))
+    assert torch.equal(empty[0], ev.SPREAD_POINTS[dims] * x.shape[-1] // 100)
+
+
 def test_object_masks_and_attention_reach_on_hand_made_maps(held_out):
-    left, right = measures.object_masks(held_out[0][:50])
+    left, right = data.object_masks(held_out[0][:50])
     assert torch.equal(left, right.flip(-1)) and (left.sum(dim=(1, 2)) > 10).all()  # real objects: exact mirrors
     left = torch.zeros(1, 32, 32, dtype=torch.bool)
     left[0, 8:16, 4:12] = True  # an 8x8 object; its mirror covers 1/16 of the image
@@ -947,7 +981,7 @@ def test_synthetic_measurements_of_volumes(tmp_path, capsys):
     threes = x[y == 3].repeat(20, 1, 1, 1, 1)[:len(x)]
     m = measures.sample_metrics(threes, y)
     assert abs(m["colour_fidelity"] - (y == 3).double().mean().item()) < 0.02 and m["shape_fidelity"] < 0.15, m
-    left, right = measures.object_masks(x[:50])
+    left, right = data.object_masks(x[:50])
     assert torch.equal(left, right.flip(-1)) and (left.sum(dim=(1, 2, 3)) > 10).all()
     # A 4^3 cube, one key cell of the 4^3 keys (attention at 8^3 queries): its mirror is 1/64 of the volume.
     left = torch.zeros(1, 16, 16, 16, dtype=torch.bool)

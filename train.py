@@ -412,7 +412,8 @@ class Chores:
         if self.evaluator is not None:
             metrics = self.evaluator(self.gan.G_show)
             self.run.log({"step": done, **metrics})
-            print(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None), flush=True)
+            print(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
+                  flush=True)
 
     def save(self, done, last):
         bad = self.gan.first_bad_weight()
