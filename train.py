@@ -236,25 +236,24 @@ class GAN:
     @torch.no_grad()
     def update_ema(self, step):
         """G_ema <- decay * G_ema + (1 - decay) * G; a plain copy before cfg.ema_start.
-
-        Batch-norm statistics are copied from G, not averaged. Spectral norm: G_ema keeps its own
-        vectors u, v and runs one power iteration on its own averaged weights after each update;
-        G's vectors would estimate sigma(W_ema) as u^T W_ema v, a lower bound of it.
-        """
+        Batch-norm statistics are copied from G, not averaged; the spectral-norm vectors stay
+        G_ema's own, set by exact_spectral_norm where G_ema is used."""
         if self.G_ema is None:
             return
         decay = self.cfg.ema_decay if step >= self.cfg.ema_start else 0.0
         for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
             p_ema.lerp_(p, 1.0 - decay)
         for (name, b_ema), b in zip(self.G_ema.named_buffers(), self.G.buffers()):
-            if not name.endswith(("._u", "._v")):  # spectral-norm vectors stay G_ema's own
+            if not name.endswith(("._u", "._v")):
                 b_ema.copy_(b)
-        power_iteration(self.G_ema)
 
     @property
     def G_show(self):
-        """The generator to sample and measure: the EMA when kept."""
-        return self.G_ema if self.G_ema is not None else self.G
+        """The generator to sample, measure and save: the EMA, its spectral norm exact, when kept."""
+        if self.G_ema is None:
+            return self.G
+        exact_spectral_norm(self.G_ema)
+        return self.G_ema
 
     def first_bad_weight(self):
         """The name of the first weight holding a NaN or an infinity, or None."""
@@ -268,7 +267,7 @@ class GAN:
         return {"format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                 "model": dataclasses.asdict(self.cfg.model), "train": train,
                 "G": self.G.state_dict(), "D": self.D.state_dict(),
-                "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
+                "G_ema": self.G_show.state_dict() if self.G_ema is not None else None,
                 "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(), "rng": rng_state()}
 
     def load(self, ckpt, rank=0, world=1):
@@ -463,16 +462,18 @@ def sn_in_fp32(*nets):
         yield
 
 
-def power_iteration(net):
-    """One power iteration of every spectral norm in `net` on its current weights, in whatever
-    mode `net` is (torch's parametrization iterates only in training mode)."""
+@torch.no_grad()
+def exact_spectral_norm(net):
+    """Sets the vectors u, v of every spectral norm in `net` to the top singular pair of its weight,
+    so that sigma = u^T W v is exact. For G_ema, which is never trained: an average of weights that
+    move fast has close top singular values, and a power iteration per update does not keep up."""
     for m in net.modules():
         if parametrize.is_parametrized(m, "weight"):
             normalise = m.parametrizations.weight[0]
-            training = normalise.training
-            normalise.train()
-            m.weight  # updates the vectors u, v in place
-            normalise.train(training)
+            w = normalise._reshape_weight_to_matrix(m.parametrizations.weight.original)
+            u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+            normalise._u.copy_(u[:, 0])
+            normalise._v.copy_(vh[0])
 
 
 def device_batches(dataset, cfg, start, device, memory_format, rank=0, world=1):
