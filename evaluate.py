@@ -564,10 +564,10 @@ class EvalConfig:
     data_root: str = ""  # the data source's folder
     size: int = 128  # image side for --data: the model's
     images: str = ""  # a folder of images or a uint8 .npy (N, H, W, 3): its IS and FID, or its statistics
-    attention: str = ""  # write Figure 5 (G's last attention layer) to this PNG, the maps to .npz
+    attention: str = ""  # write Figure 5 (G's last attention layer) to this PNG (alone: RUN/fig5.png), the maps to .npz
     points: str = ""  # query pixels "x,y;x,y;x,y" (voxels "x,y,z;...") for --attention (default: see figure5_points)
     k: int = 4  # images for --attention; samples per class for --grid
-    grid: str = ""  # write a sample grid, a row per class, to this PNG
+    grid: str = ""  # write a sample grid, a row per class, to this PNG (alone: RUN/grid.png)
     classes: str = ""  # classes for --grid and --attention, e.g. "1,5,9" (default: all, at most 16)
 
 
@@ -679,8 +679,22 @@ def evaluate(cfg):
         write_json(cfg.out, result)
 
 
+def parse(argv):
+    """The EvalConfig of a command line; --attention and --grid without a name write into the
+    checkpoint's run folder."""
+    given = parse_flags(EvalConfig, argv, options={"attention": dict(nargs="?", const=PICTURES["attention"]),
+                                                   "grid": dict(nargs="?", const=PICTURES["grid"])})
+    for flag, name in PICTURES.items():
+        if given.get(flag) == name:
+            given[flag] = os.path.join(os.path.dirname(given.get("ckpt", "")) or ".", name)
+    return make_config(EvalConfig, given)
+
+
+PICTURES = {"attention": "fig5.png", "grid": "grid.png"}  # their names in the run folder
+
+
 def main(argv=None):
-    return command(lambda argv: evaluate(make_config(EvalConfig, parse_flags(EvalConfig, argv))), argv)
+    return command(lambda argv: evaluate(parse(argv)), argv)
 
 
 if __name__ == "__main__":

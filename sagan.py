@@ -83,6 +83,12 @@ def attention_map(query, key):
     return s.softmax(dim=-1)  # over keys i
 
 
+def new_gamma():
+    """Eq. (3)'s gamma: the learned scalar that weighs a block's output o against its input x in
+    y = gamma * o + x, created at the value Sec. 3 gives it (and says why)."""
+    return nn.Parameter(torch.zeros(()))
+
+
 class SelfAttention(nn.Module):
     """The SAGAN self-attention block on a (B, C, *spatial) feature map, N positions.
 
@@ -99,9 +105,7 @@ class SelfAttention(nn.Module):
         self.g = sn(conv(channels, c8, 1, bias=False), use_sn)  # query
         self.h = sn(conv(channels, c2, 1, bias=False), use_sn)  # value (C/2: difference 1)
         self.v = sn(conv(c2, channels, 1, bias=False), use_sn)  # output projection
-        # Eq. (3): gamma starts at 0, so the block is the identity at init and G first relies on
-        # local (convolutional) cues, learning to use non-local evidence gradually.
-        self.gamma = nn.Parameter(torch.zeros(()))
+        self.gamma = new_gamma()  # Eq. (3)
         self.use_fused = True  # scaled_dot_product_attention when beta is not requested
 
     def keys_values(self, x):
@@ -154,7 +158,8 @@ class ResidualControl(nn.Module):
     y = x + gamma * v(relu(k(x))), k a 3x3 conv to C/8 channels and v a 1x1 conv back to C: it
     mixes only the 3x3 neighbourhood where attention mixes all positions. Its 9 C^2/8 + C^2/8 =
     1.25 C^2 weights equal SelfAttention's f, g, h, v (C^2/8 + C^2/8 + C^2/2 + C^2/2); like it, it is
-    spectrally normalised and starts as the identity (gamma = 0), so the two differ only in reach.
+    spectrally normalised and starts as the identity (its gamma is new_gamma()), so the two differ
+    only in reach.
     """
 
     def __init__(self, channels, dims=2, pooled=True, use_sn=True):  # SelfAttention's arguments; pooled unused
@@ -162,7 +167,7 @@ class ResidualControl(nn.Module):
         conv = LAYER_TYPES[dims].conv
         self.k = sn(conv(channels, channels // 8, 3, padding=1, bias=False), use_sn)
         self.v = sn(conv(channels // 8, channels, 1, bias=False), use_sn)
-        self.gamma = nn.Parameter(torch.zeros(()))
+        self.gamma = new_gamma()
 
     def forward(self, x):
         return x + self.gamma * self.v(F.relu(self.k(x)))

@@ -513,7 +513,7 @@ def exercise_markers(test, kit):
 # the GAN's on the stand-in networks, which the test puts in place.
 REACH_BLANK = {
     "attention_map": lambda m: m.attention_map(torch.randn(1, 2, 4), torch.randn(1, 2, 4)),
-    "SelfAttention.__init__": lambda m: m.SelfAttention(16),
+    "new_gamma": lambda m: m.new_gamma(),
     "SelfAttention.forward": lambda m: m.SelfAttention(16)(torch.randn(1, 16, 4, 4)),
     "ConditionalBatchNorm.forward": lambda m: m.ConditionalBatchNorm(4, 3, m.LAYER_TYPES[2])(torch.randn(2, 4, 2, 2), torch.tensor([0, 2])),
     "Discriminator.forward": lambda m: m.Discriminator(m.ModelConfig(size=32, ch=8, n_classes=3, attn=()))(
@@ -537,7 +537,8 @@ def tiny_config():
 def test_every_exercise_has_a_registered_check_and_its_blanks_fit_the_code(kit):
     ini = Path(HERE, "pytest.ini").read_text()
     tests = [name for name in vars(test_sagan) if name.startswith("test_")]
-    assert 6 <= len(kit.EXERCISES) <= 8
+    assert [len(e.blanks) for e in kit.EXERCISES] == [1] * (len(kit.EXERCISES) - 1) + [0], \
+        "one blank per exercise, and so one check per blank; the last exercise runs the others"
     for e in kit.EXERCISES:
         assert f"\n    {e.name}: exercise check" in ini, f"register the marker {e.name} in pytest.ini"
         assert any(e.name in exercise_markers(t, kit) for t in tests), f"exercise {e.name} has no check"
@@ -610,11 +611,24 @@ def test_student_copy_is_the_project_with_only_the_blanks_changed(kit, tmp_path)
         assert mc.check_command(e.name) in sheet and all(q in sheet for q in e.questions)
     assert "<!--" not in sheet
 
+    def code(line):  # a line's expression, without `return`, its target or its comment; short ones do not count
+        text = re.sub(r"^(return |[\w.\[\], ]+ = )", "", line.split("  #")[0].strip())
+        return "" if text.startswith("#") or len(text) < 10 else text
+    for e in kit.EXERCISES:  # no answer shows elsewhere: no code line of a blank is in any file of the copy
+        for b in e.blanks:
+            source = Path(HERE, b.file).read_text()
+            first, last, _ = mc.blank_span(source, ast.parse(source), b)
+            answer = {code(line) for line in source.splitlines()[first - 1:last]} - {""}
+            for path in Path(tmp_path, "all").rglob("*"):
+                if path.is_file() and path.suffix in (".py", ".md", ".ini"):
+                    shown = answer & {code(line) for line in path.read_text().splitlines()}
+                    assert not shown, f"{path.name} shows the answer of exercise {e.name}: {shown}"
+
 
 @pytest.mark.course
 def test_make_copy_command_line(kit, tmp_path, capsys):
     mc = kit.make_copy
-    assert mc.main(["--out", str(tmp_path / "a"), "--exercises", "hinge_loss,nope"]) == 2
+    assert mc.main(["--out", str(tmp_path / "a"), "--exercises", "d_hinge_loss,nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown exercise 'nope'; choose from attention_map, ") and err.count("\n") == 1
     (tmp_path / "used").mkdir()
@@ -623,10 +637,10 @@ def test_make_copy_command_line(kit, tmp_path, capsys):
     assert capsys.readouterr().err == f"error: --out {tmp_path / 'used'} exists and is not an empty folder\n"
     assert mc.main([]) == 2 and capsys.readouterr().err.startswith("error: --out DIR is required")
     assert not (tmp_path / "a").exists()
-    assert mc.main(["--out", str(tmp_path / "one"), "--exercises", "hinge_loss"]) == 0
-    assert "2 blanks in 1 exercises (hinge_loss)" in capsys.readouterr().out
+    assert mc.main(["--out", str(tmp_path / "one"), "--exercises", "d_hinge_loss,g_hinge_loss"]) == 0
+    assert "2 blanks in 2 exercises (d_hinge_loss, g_hinge_loss)" in capsys.readouterr().out
     sheet, sagan_py = (tmp_path / "one" / "ASSIGNMENT.md").read_text(), (tmp_path / "one" / "sagan.py").read_text()
-    assert "-m hinge_loss" in sheet and "-m d_step" not in sheet and "exercise hinge_loss: " in sagan_py
+    assert "-m d_hinge_loss" in sheet and "-m d_step" not in sheet and "exercise g_hinge_loss: " in sagan_py
     assert "exercise attention_map" not in sagan_py
 
 
@@ -733,3 +747,16 @@ def test_the_readme_reading_order_names_true_line_ranges():
         for name, (path, first, last) in zip(names, places):
             span = definitions(path).get(name)
             assert span == (int(first), int(last)), f"README: {name} is at {path}:{span[0]}-{span[1]}" if span else name
+
+
+def test_the_readme_python_examples_run(tmp_path):
+    """Every python block of the README runs, offline, from a folder that holds the default run's
+    checkpoint, as a user would run it after the quick start."""
+    blocks = re.findall(r"```python\n(.*?)```", Path(HERE, "README.md").read_text(), re.S)
+    assert blocks
+    (tmp_path / "runs" / "sagan").mkdir(parents=True)
+    make_checkpoint(tmp_path / "runs" / "sagan" / "ckpt.pt", n_classes=10)
+    for block in blocks:
+        done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": HERE})
+        assert done.returncode == 0, (block, done.stderr)

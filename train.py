@@ -429,6 +429,10 @@ class Chores:
     def finished(self, done):
         if done == self.cfg.steps and self.dataset.summary:
             print(self.dataset.summary)
+        ckpt = self.run.ckpt
+        measured = f"; measured: python measures.py --ckpt {ckpt}" if data.SOURCES[self.cfg.data].synthetic else ""
+        print(f"done: step {done} in {ckpt}, sample grids in {os.path.join(self.cfg.out, 'samples')}; Figure 5: "
+              f"python evaluate.py --ckpt {ckpt} --attention{measured}", flush=True)
 
     def end(self):
         self.run.close()

@@ -47,8 +47,9 @@ class Exercise:
     @property
     def budget(self):
         check = f"{self.check_s:g} s" if self.check_s >= 0.01 else "under 0.01 s"
-        return ", ".join([f"{self.write_min} min to write (estimate)"] + ([self.run] if self.run else []) +
-                         [f"check {check} (measured)"])
+        work = "to write" if self.blanks else "to run, look and answer"
+        return ", ".join([f"{self.write_min} min {work} (estimate)"] + ([self.run] if self.run else []) +
+                         [f"its tests run in {check}, and pytest's start-up adds about 10 s"])
 
 
 EXERCISES = (
@@ -68,47 +69,60 @@ EXERCISES = (
          "heat to draw?"),
         write_min=20, check_s=0.06),
     Exercise(
-        "attention_output", "The attention output and gamma", "Sec. 3, Eq. (2) and (3)",
-        (Blank("sagan.py", "SelfAttention.__init__",
-               "create gamma, the learnable scalar of Eq. (3), at the value SAGAN starts it from",
-               start="self.gamma =", stop="self.gamma ="),
-         Blank("sagan.py", "SelfAttention.forward",
+        "gamma", "gamma, the weight of the attention output", "Sec. 3, Eq. (3)",
+        (Blank("sagan.py", "new_gamma",
+               "return gamma, the learnable scalar of Eq. (3), at the value SAGAN starts it from"),),
+        "Write `sagan.new_gamma`: the learnable scalar gamma of Eq. (3), as a parameter of the "
+        "block, at the value the paper starts it from. `SelfAttention` and Table 1's "
+        "`ResidualControl` both take theirs from it.",
+        ("Why does gamma start at 0? What is the block at initialisation, and does gamma still learn "
+         "from there (which test shows it)? Where do G's and D's gammas end after the default run?",),
+        write_min=10, check_s=0.0),
+    Exercise(
+        "attention_output", "The attention output", "Sec. 3, Eq. (2) and (3)",
+        (Blank("sagan.py", "SelfAttention.forward",
                "map o back to C channels with v (Eq. 2), then y = gamma o + x (Eq. 3)",
                start="o = self.v(", stop="y = "),),
-        "Create gamma in `SelfAttention.__init__`, then finish `SelfAttention.forward`: o, the "
-        "attention-weighted values from `explicit` or `fused`, goes through the output conv v back "
-        "to C channels (Eq. 2) and is added to the input, scaled by gamma (Eq. 3).",
-        ("Why does gamma start at 0? What is the block at initialisation, and does gamma still learn "
-         "from there (which test shows it)? Where do G's and D's gammas end after the default run?",
-         "What does the fused path (`SelfAttention.fused`) save against `explicit`, in memory and in "
-         "time, for one attention block at the paper's size and for the default run?"),
-        write_min=20, check_s=0.74),
+        "Finish `SelfAttention.forward`: o, the attention-weighted values from `explicit` or "
+        "`fused`, goes through the output conv v back to C channels (Eq. 2) and is added to the "
+        "input, scaled by gamma (Eq. 3).",
+        ("What does the fused path (`SelfAttention.fused`) save against `explicit`, in memory and in "
+         "time, for one attention block at the paper's size and for the default run?",),
+        write_min=15, check_s=0.74),
     Exercise(
-        "hinge_loss", "The hinge losses", "Sec. 3, Eq. (4)",
+        "d_hinge_loss", "D's hinge loss", "Sec. 3, Eq. (4)",
         (Blank("sagan.py", "d_hinge_loss",
-               "return the two halves of L_D, E[max(0, 1 - D(x, y))] and E[max(0, 1 + D(G(z), y))] (Eq. 4)"),
-         Blank("sagan.py", "g_hinge_loss", "return L_G = -E[D(G(z), y)] (Eq. 4)"),),
-        "Write `d_hinge_loss` and `g_hinge_loss` from Eq. (4): D's loss as its real and fake halves, "
-        "G's loss as the negated mean logit of the fake images.",
+               "return the two halves of L_D, E[max(0, 1 - D(x, y))] and E[max(0, 1 + D(G(z), y))] (Eq. 4)"),),
+        "Write `d_hinge_loss` from Eq. (4): D's loss as its real and its fake half.",
         ("For which values of D(x, y) does a real image stop contributing to D's gradient, and for "
-         "which D(G(z), y) a fake one? Why is G's loss not clipped in the same way?",
-         "In the default run's log.jsonl, what are the mean D(x) and D(G(z)) over the last few "
-         "hundred steps, and what do they say about the game between G and D?"),
-        write_min=15, check_s=0.0),
+         "which D(G(z), y) a fake one? Why is G's loss not clipped in the same way?",),
+        write_min=10, check_s=0.0),
     Exercise(
-        "conditioning", "Class conditioning: conditional BN and projection", "Sec. 5 (conditional BN, projection D)",
+        "g_hinge_loss", "G's hinge loss", "Sec. 3, Eq. (4)",
+        (Blank("sagan.py", "g_hinge_loss", "return L_G = -E[D(G(z), y)] (Eq. 4)"),),
+        "Write `g_hinge_loss` from Eq. (4): the negated mean logit of the fake images.",
+        ("In the default run's log.jsonl, what are the mean D(x) and D(G(z)) over the last few "
+         "hundred steps, and what do they say about the game between G and D?",),
+        write_min=5, check_s=0.0),
+    Exercise(
+        "conditional_bn", "Conditional batch norm", "Sec. 5 (conditional BN)",
         (Blank("sagan.py", "ConditionalBatchNorm.forward",
                "scale and shift the normalised x by the gain and bias of each sample's class y",
-               start="return x * self.gain"),
-         Blank("sagan.py", "Discriminator.forward",
-               "add the projection term <embed(y), h> to each sample's logit", start="out = out + "),),
-        "Finish `ConditionalBatchNorm.forward` (after batch norm, a gain and a bias per class, "
-        "picked by each sample's label) and the projection term in `Discriminator.forward` "
-        "(D(x, y) = psi(phi(x)) + <embed(y), phi(x)>, Miyato and Koyama 2018).",
+               start="return x * self.gain"),),
+        "Finish `ConditionalBatchNorm.forward`: after batch norm, a gain and a bias per class, "
+        "picked by each sample's label.",
         ("The gain table starts at exactly 1 and the bias at 0 (README, difference 5). What is G's "
          "conditional batch norm at initialisation, then? Why is D's class embedding spectrally "
          "normalised while G's gain and bias tables are not?",),
-        write_min=20, check_s=0.78),
+        write_min=15, check_s=0.0),
+    Exercise(
+        "projection", "The projection discriminator", "Sec. 5 (projection D)",
+        (Blank("sagan.py", "Discriminator.forward",
+               "add the projection term <embed(y), h> to each sample's logit", start="out = out + "),),
+        "Finish `Discriminator.forward` with the projection term: D(x, y) = psi(phi(x)) + "
+        "<embed(y), phi(x)> (Miyato and Koyama 2018), one dot product per sample.",
+        (),
+        write_min=10, check_s=0.78),
     Exercise(
         "d_step", "The D step", "Sec. 3, Eq. (4) for D; Sec. 4",
         (Blank("train.py", "GAN.d_step",
@@ -138,38 +152,44 @@ EXERCISES = (
          "without TTUR (`--equal-lr`), and in one without spectral norm in G (`--no-g-sn`)?"),
         write_min=30, check_s=0.08),
     Exercise(
-        "metrics", "FID and the Inception Score", "Sec. 5 (evaluation metrics)",
+        "fid", "FID", "Sec. 5 (evaluation metrics)",
         (Blank("evaluate.py", "frechet_distance",
                "FID = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), the last term from the "
                "eigenvalues of the symmetric M = B^T S2 B with S1 = B B^T, no matrix square root",
-               start="mu1, sigma1, mu2, sigma2 ="),
-         Blank("evaluate.py", "inception_score",
+               start="mu1, sigma1, mu2, sigma2 ="),),
+        "Finish `frechet_distance` in float64 through the eigenvalues of a symmetric matrix similar "
+        "to S1 S2 (the docstring says which); `significant`, given, drops round-off eigenvalues.",
+        ("Why does `frechet_distance` never form sqrt(S1 S2)? What goes wrong with a general matrix "
+         "square root, and what does the eigenvalue route cost at d = 2048 against scipy's sqrtm?",),
+        write_min=30, check_s=1.43),
+    Exercise(
+        "inception_score", "The Inception Score", "Sec. 5 (evaluation metrics)",
+        (Blank("evaluate.py", "inception_score",
                "per split, exp(E_x KL(p(y|x) || p(y))); return the mean and the population std over "
                "the splits", start="scores = []"),),
-        "Finish `frechet_distance` in float64 through the eigenvalues of a symmetric matrix similar "
-        "to S1 S2 (the docstring says which), and `inception_score` from the per-split KL "
-        "divergences; the input handling and torch-fidelity's fixed shuffle are given.",
-        ("Why does `frechet_distance` never form sqrt(S1 S2)? What goes wrong with a general matrix "
-         "square root, and what does the eigenvalue route cost at d = 2048 against scipy's sqrtm?",
-         "What is the Inception Score of predictions that are one-hot and spread evenly over k "
+        "Finish `inception_score` from the per-split KL divergences; the input handling and "
+        "torch-fidelity's fixed shuffle are given.",
+        ("What is the Inception Score of predictions that are one-hot and spread evenly over k "
          "classes? What is the largest possible score with the Inception network's 1008 classes, "
-         "and why are the samples shuffled before the splits?"),
-        write_min=40, check_s=1.43),
+         "and why are the samples shuffled before the splits?",),
+        write_min=20, check_s=0.05),
     Exercise(
         "train_figure5", "Train the default run and draw Figure 5", "Sec. 5.2, Figure 5",
         (),
         "With every other exercise done (the check trains 2 steps through all of them), train the "
         "default run, `python train.py` (minutes on a 2-core CPU; the console "
         "shows the time left), then draw Figure 5 from it: `python evaluate.py --ckpt "
-        "runs/sagan/ckpt.pt --attention fig5.png --k 3`. Expect the last sample grid "
+        "runs/sagan/ckpt.pt --attention --k 3`. Expect the last sample grid "
         "(runs/sagan/samples/) to show the ten classes by colour and, mostly, by shape, each "
-        "object beside its mirror image, and Figure 5's maps to be spread thinly over the image.",
+        "object beside its mirror image, and Figure 5's query points on a sample's object, on its "
+        "mirror image and on the background.",
         ("Where do your run's gammas end (the last line of runs/sagan/log.jsonl)? Compare them with "
-         "the reference run's, and say why they need not be equal to the last digit.",
+         "the reference runs', and say why they need not be equal to the last digit.",
          "What do your Figure 5 maps show? Where does a query point on an object look, and one in "
          "the background? Does a point on one object look at its mirror image?"),
         write_min=25, check_s=10.3,
-        needs=("attention_map", "attention_output", "hinge_loss", "conditioning", "d_step", "g_step"),
+        needs=("attention_map", "gamma", "attention_output", "d_hinge_loss", "g_hinge_loss", "conditional_bn",
+               "projection", "d_step", "g_step"),
         run="5 to 10 min of training on a 2-core CPU (RESULTS.md)"),
 )
 
