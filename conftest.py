@@ -152,3 +152,28 @@ def snapshot(folder):
     return {str(p.relative_to(folder)): (os.readlink(p) if p.is_symlink() else p.read_bytes())
             for p in sorted(Path(folder).rglob("*")) if p.is_file() or p.is_symlink()}
 
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MB filesystem (tmpfs; mounting needs root, as CI has)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def fill(folder):
+    """Fill the filesystem of folder to the last byte."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    for chunk in (b"\0" * 65536, b"\0"):
+        try:
+            while os.write(fd, chunk):
+                pass
+        except OSError:
+            pass
+    os.close(fd)

@@ -40,8 +40,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from runs import FolderLock, Progress, UserError, atomic_write, command, fsync_folder, make_config, parse_flags, \
-    remove_stale, remove_tree
+from runs import FolderLock, Progress, UserError, atomic_write, command, first_line, fsync_folder, make_config, \
+    open_input, parse_flags, read_json, regular_file, remove_stale, remove_tree
 
 
 class Source(NamedTuple):
@@ -102,15 +102,7 @@ class ImageSet(Dataset):
     @property
     def summary(self):
         """One line, e.g. 'skipped 1 non-image file (a.txt), 1 unreadable image (b.png)', or ''."""
-        by_reason = {}
-        for path, reason in self.skipped:
-            by_reason.setdefault(reason, []).append(os.path.basename(path))
-        parts = []
-        for reason, names in by_reason.items():
-            more = ", ..." if len(names) > 3 else ""
-            plural = "s" if len(names) > 1 else ""
-            parts.append(f"{len(names)} {reason}{plural} ({', '.join(names[:3])}{more})")
-        return "skipped " + ", ".join(parts) if parts else ""
+        return "skipped " + summarise(self.skipped) if self.skipped else ""
 
 
 # --- synthetic ----------------------------------------------------------------------------------
@@ -286,16 +278,17 @@ def resize_square(img, size):
     return np.asarray(img, dtype=np.uint8)  # (size, size, 3)
 
 
-def scan(root):
+def scan(root, classes=True):
     """Find the images under root. Returns (files, labels, classes, skipped).
 
     Class subfolders (with images somewhere inside) give labels in sorted name order, as in
-    torchvision's ImageFolder; a root with no such subfolder is one unlabelled class. Hidden files
-    and folders are ignored; other non-image files are skipped by extension and reported, and so
-    are entries that are not regular files (FIFOs, sockets, devices, broken links: opening a FIFO
-    would block forever). Links are followed, but each directory is read once (by device and
-    inode), and a link to a folder that contains the root is not followed: a link to . or ..
-    would otherwise repeat images under other labels.
+    torchvision's ImageFolder; a root with no such subfolder, or classes=False, is one unlabelled
+    class. Hidden files and folders are ignored; other non-image files are skipped by extension and
+    reported, and so are entries that are not regular files (FIFOs, sockets, devices, broken links:
+    opening a FIFO would block forever). Symbolic links are followed only where they stay inside
+    the root, and each folder is read once (by device and inode), so a link loop cannot repeat
+    images; a file or folder that two classes reach (a link from one class into another) is an
+    error naming both, not a silent merge of the two.
     """
     root = Path(root)
     if not root.exists():
@@ -303,15 +296,29 @@ def scan(root):
     if not root.is_dir():
         raise UserError(f"data root {root} is not a directory")
     real_root = os.path.realpath(root)
-    top, by_class, skipped = [], {}, []
-    seen, todo = set(), [(str(root), ())]
+    top, by_class, skipped, owner = [], {}, [], {}  # owner: a real path -> the class that reached it
+    seen, todo = {}, [(str(root), ())]
+
+    def claim(path, label, what):
+        real = os.path.realpath(path)
+        if owner.setdefault(real, label) != label:
+            first = owner[real]
+            raise UserError(f"{what} {real} is reachable from two classes, {min(first, label) or '(top)'} and "
+                            f"{max(first, label)} (a symbolic link?); give each image one class")
+
     while todo:
         folder, rel = todo.pop()
+        label = rel[0] if classes and rel else ""
         info = os.stat(folder)
         if (info.st_dev, info.st_ino) in seen:
+            first = seen[info.st_dev, info.st_ino]
+            if first != label:
+                raise UserError(f"the folder {os.path.realpath(folder)} is reachable from two classes, "
+                                f"{min(first, label) or '(top)'} and {max(first, label)} (a symbolic link?); "
+                                f"give each image one class")
             skipped.append((folder, "folder read before (a second link to it)"))
             continue
-        seen.add((info.st_dev, info.st_ino))
+        seen[info.st_dev, info.st_ino] = label
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as err:
@@ -319,31 +326,50 @@ def scan(root):
             continue
         subfolders = []
         for entry in (e for e in entries if not e.name.startswith(".")):
+            real = os.path.realpath(entry.path)
+            if entry.is_symlink() and os.path.commonpath([real, real_root]) == real:
+                skipped.append((entry.path, "link to a folder that contains the data root"))
+                continue
+            if entry.is_symlink() and os.path.commonpath([real, real_root]) != real_root:
+                skipped.append((entry.path, "link leaving the data root"))
+                continue
             try:
                 is_dir, is_file = entry.is_dir(), entry.is_file()  # both follow links
             except OSError:
                 is_dir = is_file = False
-            real = os.path.realpath(entry.path) if entry.is_symlink() else None
-            if is_dir and real is not None and (real_root + os.sep).startswith(real + os.sep):
-                skipped.append((entry.path, "link to a folder that contains the data root"))
-            elif is_dir:
+            if is_dir:
                 subfolders.append((entry.path, rel + (entry.name,)))
             elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
                 skipped.append((entry.path, "non-image file"))
             elif not is_file:
                 skipped.append((entry.path, "not a regular file"))
-            elif rel:
-                by_class.setdefault(rel[0], []).append(entry.path)
             else:
-                top.append(entry.path)
+                label_here = rel[0] if classes and rel else ""
+                claim(entry.path, label_here, "the image")
+                if label_here:
+                    by_class.setdefault(label_here, []).append(entry.path)
+                else:
+                    top.append(entry.path)
         todo += reversed(subfolders)  # depth first, in name order
     if not by_class:
         return top, [0] * len(top), [], skipped
     skipped += [(path, "image outside class folders") for path in top]
-    classes = sorted(by_class)
-    files = [path for c in classes for path in by_class[c]]
-    labels = [label for label, c in enumerate(classes) for _ in by_class[c]]
-    return files, labels, classes, skipped
+    names = sorted(by_class)
+    files = [path for c in names for path in by_class[c]]
+    labels = [label for label, c in enumerate(names) for _ in by_class[c]]
+    return files, labels, names, skipped
+
+
+def summarise(skipped):
+    """One line of (path, reason) pairs, e.g. '1 non-image file (a.txt), 1 unreadable image (b.png)'."""
+    by_reason = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(os.path.basename(path))
+    parts = []
+    for reason, names in by_reason.items():
+        more = ", ..." if len(names) > 3 else ""
+        parts.append(f"{len(names)} {reason}{'s' * (len(names) > 1)} ({', '.join(names[:3])}{more})")
+    return ", ".join(parts)
 
 
 class ImageFolder(ImageSet):
@@ -427,25 +453,33 @@ class Prepared(ImageSet):
     def __init__(self, root, size, flip=False):
         super().__init__(size, flip)
         self.root = Path(root)
-        try:
-            meta = json.loads((self.root / "meta.json").read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f"no prepared data in {root} ({err}); create it with "
-                            f"python data.py prepare --out {root} ...") from None
+        if not (self.root / "meta.json").exists():
+            raise UserError(f"no prepared data in {root} (no meta.json); create it with "
+                            f"python data.py prepare --out {root} ...")
+        meta = read_json(self.root / "meta.json", "prepared data's meta.json")
         keys = {"format": str, "version": int, "size": int, "n_classes": int, "count": int}
         if not isinstance(meta, dict) or meta.get("format") != "sagan-prepared" or meta.get("version") != 1 \
-                or not all(isinstance(meta.get(k), t) for k, t in keys.items()):
+                or not all(isinstance(meta.get(k), t) for k, t in keys.items()) or min(meta["n_classes"], meta["count"]) < 0:
             raise UserError(f"{root}/meta.json is not from this version of data.py prepare")
         if meta["size"] != size:
             raise UserError(f"prepared data in {root} is {meta['size']}x{meta['size']}, not "
                             f"{size}x{size}; prepare it again with --size {size}")
         n = meta["count"]
+        missing = [name for name in ("images.npy", "labels.npy") if not (self.root / name).exists()]
+        if missing:
+            raise UserError(f"prepared data in {root} is incomplete (no {' and no '.join(missing)}); prepare it again")
         try:
-            self.labels = np.load(self.root / "labels.npy", allow_pickle=False)  # (N,) int64
+            with open_input(self.root / "labels.npy", "prepared labels") as f:
+                self.labels = np.load(f, allow_pickle=False)  # (N,) int64
             images = self._open()
-        except (OSError, ValueError) as err:
-            raise UserError(f"prepared data in {root} is incomplete ({err}); prepare it again") from None
+        except UserError:
+            raise
+        except Exception as err:  # missing, truncated, not an array, an absurd header
+            raise UserError(f"prepared data in {root} is incomplete ({first_line(err, 150)}); prepare it again") from None
         problems = []
+        if not isinstance(self.labels, np.ndarray) or not isinstance(images, np.ndarray):  # an .npz named .npy
+            raise UserError(f"prepared data in {root} is not this code's: images.npy and labels.npy must be arrays, "
+                            f"not archives; prepare it again")
         if images.shape != (n, size, size, 3) or images.dtype != np.uint8:
             problems.append(f"images.npy is {images.dtype} {images.shape}, meta.json says {n} images")
         if self.labels.shape != (n,) or self.labels.dtype.kind not in "iu":
@@ -459,7 +493,7 @@ class Prepared(ImageSet):
     def _open(self):
         # Opened lazily in each process: pickling a memory map to a worker would copy all of it.
         if getattr(self, "images", None) is None:
-            self.images = np.load(self.root / "images.npy", mmap_mode="r")
+            self.images = np.load(regular_file(self.root / "images.npy", "prepared images"), mmap_mode="r")
         return self.images
 
     def __getstate__(self):

@@ -49,8 +49,8 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from torchvision.utils import make_grid, save_image
 
 import data
-from runs import Progress, UserError, at_least, atomic_write, command, first_line, load_checkpoint, make_config, \
-    parse_flags, resolve_device, write_json
+from runs import Progress, UserError, at_least, atomic_write, check_outputs, command, first_line, load_checkpoint, \
+    make_config, open_input, parse_flags, regular_file, resolve_device, write_json
 from sagan import Generator, ModelConfig
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -164,11 +164,17 @@ def load_inception(weights=None, device="cpu"):
     """The FID Inception network in eval mode, from a file or from pytorch-fid's release through
     torch.hub's cache (the SHA-256 prefix in the file name is checked on download)."""
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True) if weights else \
-            torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", check_hash=True, weights_only=True)
+        if weights:
+            with open_input(weights, "Inception weights") as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", check_hash=True,
+                                                       weights_only=True)
+    except UserError:
+        raise
     except Exception as e:  # offline, a hash mismatch, not a torch file, a pickle the safe loader refuses
         if weights:
-            raise UserError(f"cannot read Inception weights {weights}: {first_line(e)}") from None
+            raise UserError(f"cannot read the Inception weights {weights}: {first_line(e)}") from None
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_URL.split("/")[-1])
         raise UserError(f"cannot get the FID Inception weights ({first_line(e, 100)}); download "
                         f"{FID_WEIGHTS_URL} and pass --inception-weights PATH, or put it at {cache}") from None
@@ -282,16 +288,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 def load_stats(path, dim=2048):
     """(mu, sigma) from a statistics .npz (ours, TTUR's or pytorch-fid's), checked."""
     try:
-        f = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise UserError(f"cannot read statistics file {path}: {first_line(e)}") from None
-    found = f.files if isinstance(f, np.lib.npyio.NpzFile) else ["one array (.npy)"]
-    if not {"mu", "sigma"} <= set(found):
-        raise UserError(f"{path} is not an FID statistics file: need arrays mu and sigma, found {', '.join(found)}")
-    try:
-        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-    except (ValueError, TypeError, OSError) as e:  # object arrays, strings, a damaged member
-        raise UserError(f"cannot read statistics file {path}: {first_line(e)}") from None
+        with open_input(path, "statistics file") as stream:
+            f = np.load(stream, allow_pickle=False)
+            found = f.files if isinstance(f, np.lib.npyio.NpzFile) else ["one array (.npy)"]
+            if not {"mu", "sigma"} <= set(found):
+                raise UserError(f"{path} is not an FID statistics file: need arrays mu and sigma, found "
+                                f"{', '.join(found)}")
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except UserError:
+        raise
+    except Exception as e:  # not a zip, a damaged member (zlib), an absurd array header, object arrays
+        raise UserError(f"cannot read the statistics file {path}: {first_line(e)}") from None
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} should be ({dim},) and ({dim}, {dim}), "
                         f"statistics of the {dim}-d pool3 Inception features")
@@ -316,7 +323,11 @@ def from_checkpoint(path, device, ema):
     except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # wrong fields, shapes, keys
         raise UserError(f"{path} is a damaged sagan checkpoint: its {name} does not fit its model "
                         f"configuration ({first_line(e, 150)})") from None
-    return G.eval().to(device), cfg, name, ckpt.get("step"), (ckpt.get("train") or {}).get("data")
+    bad = [k for k, v in G.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a NaN that no sample shows (a class not drawn, a ReLU after an -inf) is still no generator
+        raise UserError(f"{path}: its {name} holds weights that are not finite ({bad[0]})")
+    source = ckpt["train"].get("data") if isinstance(ckpt.get("train"), dict) else None
+    return G.eval().to(device), cfg, name, ckpt.get("step"), source if isinstance(source, str) else None
 
 
 def load_generator(ckpt_path, device="cpu", ema=True):
@@ -335,11 +346,21 @@ def latents(cfg, n, batch_size, seed=0):
         yield z, torch.randint(cfg.n_classes, (b,), generator=gen) if cfg.n_classes else None
 
 
+def finite(samples):
+    """G's samples, checked: a generator whose weights or statistics are broken (a NaN, a negative
+    running variance) draws NaN, which bytes would turn into black pictures and measurements that
+    look perfect."""
+    if not torch.isfinite(samples).all():
+        raise UserError("the generator's samples hold NaN or infinite values: its weights or batch-norm "
+                        "statistics are damaged")
+    return samples
+
+
 @torch.no_grad()
 def generated_images(G, n, batch_size, device, seed=0):
     """Yields uint8 batches (B, 3, S, S) of G's samples, from latents(G.cfg, n, batch_size, seed)."""
     for z, y in latents(G.cfg, n, batch_size, seed):
-        yield quantize(G(z.to(device), None if y is None else y.to(device)))
+        yield quantize(finite(G(z.to(device), None if y is None else y.to(device))))
 
 
 def metrics(pool, logits, ref_stats=None, splits=10):
@@ -370,8 +391,10 @@ def _read_images(files):
     images = []
     for f in files:
         try:
-            with Image.open(f) as im:
+            with open_input(f, "image") as stream, Image.open(stream) as im:
                 images.append(torch.from_numpy(np.array(data.to_rgb(im))).permute(2, 0, 1))
+        except UserError:
+            raise
         except Exception as e:  # OSError, a decompression bomb, ValueError, SyntaxError, ...
             raise UserError(f"cannot read image {f}: {first_line(e)}") from None
     if len({im.shape for im in images}) > 1:
@@ -385,15 +408,20 @@ def real_images(source, n, batch_size, seed=0, data_root="", size=128):
     as sources are often sorted by class."""
     if source.endswith(".npy"):
         try:
-            arr = np.load(source, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
+            arr = np.load(regular_file(source, "array"), mmap_mode="r", allow_pickle=False)
+        except UserError:
+            raise
+        except Exception as e:  # not an array file, a damaged or absurd header
             raise UserError(f"cannot read {source}: {first_line(e)}") from None
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
-            raise UserError(f"{source} must hold uint8 images (N, H, W, 3), not {arr.dtype} {arr.shape}")
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 \
+                or min(arr.shape[:3]) == 0:
+            raise UserError(f"{source} must hold uint8 images (N, H, W, 3), N, H and W at least 1, not "
+                            f"{getattr(arr, 'dtype', 'an archive')} {getattr(arr, 'shape', '')}")
         total, read = len(arr), lambda idx: torch.from_numpy(np.ascontiguousarray(arr[idx])).permute(0, 3, 1, 2)
     elif os.path.isdir(source):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(source) for f in names
-                       if f.lower().endswith(data.IMAGE_EXTENSIONS))
+        files, _, _, skipped = data.scan(source, classes=False)
+        if skipped:
+            warnings.warn(f"{len(skipped)} files under {source} left out: {data.summarise(skipped)}")
         if not files:
             raise UserError(f"no images ({' '.join(data.IMAGE_EXTENSIONS)}) in {source}")
         total, read = len(files), lambda idx: _read_images([files[i] for i in idx])
@@ -449,8 +477,9 @@ def draw_dot(img, x, y, colour, radius):
 def figure5_points(images):
     """Three query points for each synthetic-like sample uint8 (K, 3, S, S[, S]), from its own
     object masks (data.object_masks): the pixel of the left object nearest its centre, that
-    pixel's mirror image, and the background pixel farthest from both objects. A sample without
-    an object gets three spread points. Returns (K, 3, dims) as (x, y[, z])."""
+    pixel's mirror image, and the background pixel farthest from both objects (an eighth of the
+    side from the border at least, where there is one). A sample without an object gets three
+    spread points. Returns (K, 3, dims) as (x, y[, z])."""
     S, dims = images.shape[-1], images.dim() - 2
     grid = torch.stack(torch.meshgrid(*[torch.arange(S)] * dims, indexing="ij"), -1).flatten(0, -2)  # (N, dims), (z,) y, x
     points = []
@@ -463,8 +492,9 @@ def figure5_points(images):
         centre = at[(at - at.mean(0)).norm(dim=1).argmin()]  # on the object, also where its centre is not
         mirror = centre.clone()
         mirror[-1] = S - 1 - centre[-1]
-        objects = grid[~off].float()
-        background = grid[off][torch.cdist(grid[off].float(), objects).amin(1).argmax()]
+        objects, inner = grid[~off].float(), ((grid >= S // 8) & (grid < S - S // 8)).all(1)  # inner: away from the border
+        candidates = grid[off & inner] if (off & inner).any() else grid[off]
+        background = candidates[torch.cdist(candidates.float(), objects).amin(1).argmax()]
         points.append(torch.stack([centre.long(), mirror.long(), background]).flip(-1))  # as (x, y[, z])
     return torch.stack(points)
 
@@ -483,6 +513,7 @@ def attention_maps(G, z, y, points=None):
     images, betas = G(z, y, return_attention=True)
     if not betas:
         raise UserError("this generator has no attention layer (trained with --attn none)")
+    finite(images)
     beta = betas[-1]  # (K, N, M), Eq. (1): softmax over the M keys for each of the N queries
     S, dims = images.shape[-1], images.dim() - 2
     points = figure5_points(quantize(images).cpu()) if points is None else torch.as_tensor(points)
@@ -540,7 +571,7 @@ def class_grid(G, classes, per_class, batch_size=64, device="cpu", seed=0):
     rows = len(classes) if classes else per_class
     z = torch.randn(1 if classes else rows, per_class, G.cfg.z_dim, generator=gen).expand(rows, -1, -1)
     z, y = z.reshape(-1, G.cfg.z_dim), torch.tensor(classes).repeat_interleave(per_class) if classes else None
-    out = [G(z[i:i + batch_size].to(device), None if y is None else y[i:i + batch_size].to(device)).cpu()
+    out = [finite(G(z[i:i + batch_size].to(device), None if y is None else y[i:i + batch_size].to(device))).cpu()
            for i in range(0, len(z), batch_size)]
     return (torch.cat(out) + 1) / 2
 
@@ -638,9 +669,15 @@ def evaluate(cfg):
     for picture in (cfg.attention, cfg.grid):
         if picture:
             image_format(picture)  # before the work, not after it
-    for written in (cfg.attention, cfg.grid, cfg.out, cfg.make_ref_stats):
-        if written and not os.path.isdir(os.path.dirname(os.path.abspath(written))):
+    outputs = [cfg.attention, cfg.attention and os.path.splitext(cfg.attention)[0] + ".npz", cfg.grid, cfg.out,
+               cfg.make_ref_stats]
+    for written in filter(None, outputs):
+        if not os.path.isdir(os.path.dirname(os.path.abspath(written))):
             raise UserError(f"cannot write {written}: its folder does not exist")
+    check_outputs(outputs, [cfg.ckpt, cfg.ref_stats, cfg.inception_weights, cfg.images,
+                            cfg.data in data.SOURCES and (cfg.data_root or (data.SOURCES[cfg.data].root == "optional" and "data"))])
+    if not 0 <= cfg.seed < 2**32:
+        raise UserError(f"--seed must lie in [0, {2**32 - 1}], got {cfg.seed}")
     device = resolve_device(cfg.device)
     ref = load_stats(cfg.ref_stats) if cfg.ref_stats else None  # fail before the long part
     result = {"n": cfg.n, "source": cfg.ckpt or cfg.images or cfg.data, "ref_stats": cfg.ref_stats or None}

@@ -15,15 +15,18 @@ that many trainings at once, splitting the CPU threads between them.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
 
-from runs import UserError, at_least, atomic_write, command, load_checkpoint, make_config, parse_flags, write_json
+from runs import UserError, at_least, atomic_write, command, load_checkpoint, make_config, open_input, \
+    parse_flags, read_json, write_json
+from train import PRESETS
 
 # Each arm: the train.py flags that make it, on top of the default synthetic run (TTUR, attention
 # at 16, spectral norm in G and D, 1:1) at the paper's learning rates. "attn16" is that run
@@ -47,6 +50,9 @@ TABLES = {  # name: (arms, what the table shows)
     "figure5": (["attn16"], "reach"),
 }
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+DEFAULT_STEPS = PRESETS["synthetic"]["steps"]  # the default run's, which every arm trains unless --steps
+RUNNING = set()  # the trainings under way
+STOPPING = False  # set by an interrupt
 FINAL = [("mirror_error", "mirror error", "{:.4f}"), ("colour_fidelity", "colour", "{:.3f}"),
          ("shape_fidelity", "shape", "{:.3f}"), ("fid_probe", "FID (probes)", "{:.1f}"),
          ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("spread", "spread", "{:.2f}"),
@@ -94,10 +100,12 @@ def finished(cfg, arm, seed):
     else None. A run trained at the other learning rates is an error: its folder is not for this
     command."""
     path = os.path.join(run_folder(cfg, arm, seed), "experiment.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
-    with open(path) as f:
-        done = json.load(f)
+    done = read_json(path, "experiment record")
+    kinds = {"wall_s": (int, float), "threads": int, "step": int, "eval_every": int, "eval_n": int}
+    if not isinstance(done, dict) or not all(isinstance(done.get(k), t) for k, t in kinds.items()):
+        raise UserError(f"the experiment record {path} is damaged; delete it to train that run again")
     rates = done.get("rates")
     if rates != cfg.rates:
         raise UserError(f"{os.path.dirname(path)} was trained at {RATES.get(rates, 'unknown')} learning rates, "
@@ -117,8 +125,15 @@ def train(cfg, arm, seed, threads):
     log_path = folder + ".txt"
     t = time.perf_counter()
     with open(log_path, "a") as log:
-        code = subprocess.call(train_command(cfg, arm, seed), stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if STOPPING:  # interrupted: no new training starts
+            raise KeyboardInterrupt
+        proc = subprocess.Popen(train_command(cfg, arm, seed), stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        RUNNING.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            RUNNING.discard(proc)
     if code != 0:
         with open(log_path) as f:
             last = ([line.strip() for line in f if line.strip()] or ["no output"])[-1]
@@ -138,15 +153,19 @@ def measurements(cfg, arm, seed):
     """{step: record} of the run's log: the synthetic measurements, and gamma from the
     training records at the same steps."""
     out = {}
-    with open(os.path.join(run_folder(cfg, arm, seed), "log.jsonl")) as f:
+    with open_input(os.path.join(run_folder(cfg, arm, seed), "log.jsonl"), "log") as f:
         for line in f:
-            r = json.loads(line)
-            out.setdefault(r["step"], {}).update(r)
+            try:
+                r = json.loads(line)
+            except (ValueError, RecursionError):  # a damaged line, as train.py's resume drops them
+                continue
+            if isinstance(r, dict) and type(r.get("step")) is int:
+                out.setdefault(r["step"], {}).update(r)
     return {step: r for step, r in out.items() if "fid_probe" in r}
 
 
 def mean_std(values, fmt):
-    values = [v for v in values if v is not None]
+    values = [v for v in values if isinstance(v, (int, float))]
     if not values:
         return "-"
     return fmt.format(np.mean(values)) + (" +- " + fmt.format(np.std(values, ddof=1)) if len(values) > 1 else "")
@@ -155,6 +174,10 @@ def mean_std(values, fmt):
 def table(cfg, name, records):
     arms, kind = TABLES[name]
     logs = {arm: [measurements(cfg, arm, s) for s in range(cfg.seeds)] for arm in arms}
+    empty = [f"{arm} seed {s}" for arm in arms for s, log in enumerate(logs[arm]) if not log]
+    if empty:
+        raise UserError(f"the runs {', '.join(empty)} logged no measurement: --eval-every {cfg.eval_every} is more "
+                        f"than their steps")
     last = max(logs[arms[0]][0])
     steps = sorted(logs[arms[0]][0])
     seeds = f"{cfg.seeds} seeds, {cfg.eval_n} samples per measurement"
@@ -162,7 +185,7 @@ def table(cfg, name, records):
         lines = [f"| arm | flags | {' | '.join(label for _, label, _ in FINAL)} | minutes |",
                  "|---" * (len(FINAL) + 3) + "|"]
         for arm in arms:
-            cells = [mean_std([log[last][key] for log in logs[arm]], fmt) for key, _, fmt in FINAL]
+            cells = [mean_std([log.get(last, {}).get(key) for log in logs[arm]], fmt) for key, _, fmt in FINAL]
             lines.append(f"| {arm} | `{' '.join(ARMS[arm]) or '(default)'}` | {' | '.join(cells)} | "
                          f"{mean_std([records[arm, s]['wall_s'] / 60 for s in range(cfg.seeds)], '{:.1f}')} |")
         header = f"At step {last}, mean +- std over {seeds}."
@@ -170,29 +193,60 @@ def table(cfg, name, records):
         lines = []
         for key, label, fmt in OVER_STEPS:
             lines += [f"| {label} | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-            lines += [f"| {arm} | " + " | ".join(mean_std([log[s][key] for log in logs[arm]], fmt) for s in steps) + " |"
+            lines += [f"| {arm} | " + " | ".join(mean_std([log.get(s, {}).get(key) for log in logs[arm]], fmt)
+                                                 for s in steps) + " |"
                       for arm in arms] + [""]
         header = f"Mean +- std over {seeds}."
     else:
         arm = arms[0]
         lines = ["| step | reach | gamma (G's attention) |", "|---|---|---|"]
-        lines += [f"| {s} | {mean_std([log[s]['reach'] for log in logs[arm]], '{:.2f}')} | "
-                  f"{mean_std([log[s].get('gamma_g', [None])[-1] for log in logs[arm]], '{:.4f}')} |" for s in steps]
+        lines += [f"| {s} | {mean_std([log.get(s, {}).get('reach') for log in logs[arm]], '{:.2f}')} | "
+                  f"{mean_std([(log.get(s, {}).get('gamma_g') or [None])[-1] for log in logs[arm]], '{:.4f}')} |"
+                  for s in steps]
         header = f"The default run ({arm}), mean +- std over {seeds}."
     return f"{name}, at {RATES[cfg.rates]} learning rates: {header}\n\n" + "\n".join(lines).rstrip() + "\n"
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def train_all(cfg, runs, threads):
+    """Trains the runs, cfg.jobs at a time; returns their records. Ctrl-C or SIGTERM stops them
+    all: each training under way gets a SIGTERM, saves a checkpoint and stops, no new one starts,
+    and the next call resumes them."""
+    global STOPPING
+    STOPPING = False
+    pool, previous = ThreadPoolExecutor(cfg.jobs), signal.signal(signal.SIGTERM, stop)
+    futures = [pool.submit(train, cfg, arm, seed, threads) for arm, seed in runs]
+    try:
+        while not all(f.done() for f in futures):  # waits in steps, so that a signal is heard at once
+            wait(futures, timeout=0.5)
+        return dict(zip(runs, (f.result() for f in futures)))
+    except KeyboardInterrupt:
+        STOPPING = True
+        for proc in list(RUNNING):
+            proc.send_signal(signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run(argv):
     cfg = parse(argv)
     at_least(cfg, 1, "seeds", "eval_every", "eval_n", "jobs")
+    at_least(cfg, 0, "steps")
+    if cfg.eval_every > (cfg.steps or DEFAULT_STEPS):
+        raise UserError(f"--eval-every {cfg.eval_every} is more than the runs' {cfg.steps or DEFAULT_STEPS} steps: "
+                        f"they would log no measurement")
     arms = TABLES[cfg.table][0]
     runs = [(arm, seed) for seed in range(cfg.seeds) for arm in arms]
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
     print(f"{cfg.table}: {len(runs)} runs ({len(arms)} arms x {cfg.seeds} seeds) in {cfg.out}, "
           f"{cfg.jobs} at a time; each run's output goes to {cfg.out}/ARM/seedK.txt", flush=True)
     t = time.perf_counter()
-    with ThreadPoolExecutor(cfg.jobs) as pool:
-        records = dict(zip(runs, pool.map(lambda run: train(cfg, *run, threads), runs)))
+    records = train_all(cfg, runs, threads)
     text = table(cfg, cfg.table, records)
     used = sorted({r["threads"] for r in records.values()})  # as each run recorded: a reused one kept its own
     core_hours = sum(r["wall_s"] * r["threads"] for r in records.values()) / 3600
@@ -203,7 +257,8 @@ def run(argv):
 
 
 def main(argv=None):
-    return command(run, argv)
+    return command(run, argv, interrupted="interrupted: the trainings under way saved a checkpoint; the same command "
+                                          "resumes them")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from evaluate import (compute_metrics, feature_stats, frechet_distance, from_checkpoint, generated_images, latents,
-                      load_inception, load_stats, quantize)
-from runs import UserError, at_least, command, make_config, parse_flags, resolve_device, write_json
+from evaluate import (compute_metrics, feature_stats, finite, frechet_distance, from_checkpoint, generated_images,
+                      latents, load_inception, load_stats, quantize)
+from runs import UserError, at_least, check_outputs, command, make_config, parse_flags, resolve_device, write_json
 from sagan import LAYER_TYPES
 
 PROBE_TRAIN, PROBE_TEST, PROBE_STEPS = 4000, 1000, 200  # probe data: indices from 10^6 on, unseen in training
@@ -224,7 +224,7 @@ def synthetic_metrics(G, n, batch_size=50, device="cpu", seed=0, probe_seed=0):
     try:
         for z, y in latents(G.cfg, n, batch_size, seed):
             images, betas = G(z.to(device), y.to(device), return_attention=True)
-            fakes.append(quantize(images).cpu())
+            fakes.append(quantize(finite(images)).cpu())
             labels.append(y)
             if betas:
                 reach.append(attention_reach(betas[-1].float().cpu(), *data.object_masks(fakes[-1])))
@@ -331,6 +331,9 @@ def measure(cfg):
         raise UserError("give --ckpt RUN/ckpt.pt, a checkpoint of a run on the synthetic data")
     if cfg.out and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.out))):
         raise UserError(f"cannot write {cfg.out}: its folder does not exist")
+    check_outputs([cfg.out], [cfg.ckpt])
+    if not 0 <= cfg.seed < 2**32 or cfg.probe_seed < 0:
+        raise UserError("--seed must lie in [0, 4294967295] and --probe-seed be at least 0")
     device = resolve_device(cfg.device)
     G, model, weights, step, source = from_checkpoint(cfg.ckpt, device, cfg.ema)
     result = {"ckpt": cfg.ckpt, "step": step, "weights": weights, "n": cfg.n, "seed": cfg.seed}
@@ -340,8 +343,9 @@ def measure(cfg):
               f"{'line' if model.dims == 2 else 'plane'} of {cfg.n} samples, pixels in [0, 1] ({weights}, step {step})")
     else:
         if not (source in data.SOURCES and data.SOURCES[source].synthetic):
-            raise UserError(f"{cfg.ckpt} was trained on {source} data; these measurements need the built-in "
-                            f"synthetic data (evaluate.py gives IS and FID)")
+            trained = f"was trained on {source} data" if source else "does not say what data it was trained on"
+            raise UserError(f"{cfg.ckpt} {trained}; these measurements need the built-in synthetic data "
+                            f"(evaluate.py gives IS and FID)")
         at_least(cfg, 10, "n")
         result.update(probe_seed=cfg.probe_seed,
                       **synthetic_metrics(G, cfg.n, cfg.batch_size, device, cfg.seed, cfg.probe_seed))

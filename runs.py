@@ -58,20 +58,34 @@ class UserError(Exception):
 
 def command(run, argv=None, interrupted="interrupted"):
     """Runs run(argv) as a command line program; returns its exit code. A UserError is one line
-    "error: ..." (exit 2, or the error's own code), and so is an OSError, a file that cannot be
-    read or written; Ctrl-C is one line and exit 130. Warnings are one line "warning: ..." each.
+    "error: ..." (exit 2, or the error's own code), and so are an OSError (a file that cannot be
+    read or written) and a size too large for memory; Ctrl-C is one line and exit 130. Warnings are
+    one line "warning: ..." each, and a file name the terminal cannot show is escaped, not a crash.
     Any other exception is a bug and keeps its traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     with warnings.catch_warnings():  # restores the warnings machinery when called in-process
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
         try:
             run(argv)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            # One raised in a DataLoader worker comes back wrapped in the worker's traceback: its
+            # own message is the last line.
+            message = str(e).strip().splitlines()[-1] if "\nOriginal Traceback" in str(e) else str(e)
+            message = re.sub(r"^[\w.]*UserError: ", "", message)
+            print(f"error: {message}", file=sys.stderr)
             return e.code
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+            return 2
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError) and "allocat" not in str(e) and "out of memory" not in str(e):
+                raise
+            print(f"error: not enough memory for what was asked ({first_line(e, 120) or 'MemoryError'}); "
+                  f"ask for a smaller size, batch or number of samples", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(interrupted, file=sys.stderr)
@@ -162,16 +176,31 @@ def parse_flags(cls, argv, **parser_options):
     return {k: v for k, v in values.items() if v is not None}
 
 
+def of_type(value, kind):
+    """Whether value is of a field's type: int, float (an int too), bool, str, or a tuple of ints."""
+    if is_tuple(kind):
+        return value is None and type(None) in typing.get_args(kind) or \
+            isinstance(value, (tuple, list)) and all(type(v) is int for v in value)
+    kind = next((k for k in typing.get_args(kind) if k is not type(None)), kind)
+    return type(value) is kind or kind is float and type(value) is int or value is None and kind is not bool and \
+        type(None) in typing.get_args(kind)
+
+
 def make_config(cls, values):
-    """A config from flat values, the nested config's fields among them; a value the dataclass
-    refuses (its ValueError) is a UserError."""
-    own, nested = {}, {}
-    for f, owner in leaf_fields(cls):
-        if f.name in values:
-            value = values[f.name]
-            if is_tuple(f.type) and isinstance(value, str):
-                value = int_tuple(f.name, value)
-            (nested.setdefault(owner, {}) if owner else own)[f.name] = value
+    """A config from flat values, the nested config's fields among them (unknown names are
+    refused); a value of the wrong type, or one the dataclass refuses (its ValueError), is a
+    UserError, so a config read back from a file is checked as the command line is."""
+    own, nested, fields = {}, {}, {f.name: (f, owner) for f, owner in leaf_fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"unknown configuration field {', '.join(map(str, unknown))}")
+    for name, value in values.items():
+        f, owner = fields[name]
+        if is_tuple(f.type) and isinstance(value, str):
+            value = int_tuple(name, value)
+        if not of_type(value, f.type):
+            raise UserError(f"{flag(name)} must be {getattr(f.type, '__name__', f.type)}, got {value!r}")
+        (nested.setdefault(owner, {}) if owner else own)[name] = value
     try:
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(f.type):
@@ -229,7 +258,11 @@ def setup_processes(device_name):
             device = torch.device(f"cuda:{local}")
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            try:
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            except (ValueError, RuntimeError) as e:
+                raise UserError(f"WORLD_SIZE {world} asks for several processes, but they could not meet "
+                                f"({first_line(e, 120)}); launch them with torchrun, or unset WORLD_SIZE and RANK") from None
     return device, rank, world
 
 
@@ -266,6 +299,55 @@ def atomic_write(path, write):
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def open_input(path, what="file"):
+    """Opens an input for reading ("rb") only if it is a regular file: a FIFO, a socket, a device or
+    a folder named like the input is one UserError, and opening never blocks (O_NONBLOCK, cleared
+    once the file is known to be regular). Every command reads its inputs through this."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise UserError(f"cannot read the {what} {path}: {e.strerror or e}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise UserError(f"the {what} {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def regular_file(path, what="file"):
+    """Raises a UserError unless path is a regular file (for readers that take a path, such as a
+    memory map), without opening it."""
+    open_input(path, what).close()
+    return path
+
+
+def read_json(path, what="file"):
+    """A JSON file's value; a file that is not JSON, or nests too deep to read, is a UserError."""
+    with open_input(path, what) as f:
+        try:
+            return json.loads(f.read())
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"the {what} {path} is not readable JSON: {first_line(e, 100)}") from None
+
+
+RUN_FILES = ("ckpt.pt", "log.jsonl", "config.json", ".lock")  # a run folder's own files, RunFolder's
+
+
+def check_outputs(outputs, inputs=()):
+    """No output of a command may land on one of its inputs, nor on a run folder's own files
+    (a folder that holds a ckpt.pt). Both are lists of paths, empty ones ignored."""
+    given = {os.path.realpath(p): p for p in inputs if p}
+    for path in filter(None, outputs):
+        real = os.path.realpath(path)
+        inside = [p for r, p in given.items() if r == real or os.path.isdir(r) and os.path.commonpath([r, real]) == r]
+        if inside:
+            raise UserError(f"{path} is also an input of this command, or inside one ({inside[0]}); write the output "
+                            f"elsewhere")
+        if os.path.basename(real) in RUN_FILES and os.path.lexists(os.path.join(os.path.dirname(real), "ckpt.pt")):
+            raise UserError(f"{path} is a file of the run in {os.path.dirname(path) or '.'}; write the output elsewhere")
 
 
 def write_json(path, value):
@@ -311,10 +393,16 @@ class FolderLock:
         self.path, self.what = os.path.join(folder, ".lock"), what
 
     def __enter__(self):
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: it could truncate a file outside the folder
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as err:
-            raise UserError(f"cannot write to {os.path.dirname(self.path)}: {err.strerror or err}") from None
+            reason = "it is a symbolic link; remove it" if os.path.islink(self.path) else err.strerror or err
+            raise UserError(f"cannot take the lock {self.path}: {reason}") from None
+        info = os.fstat(self.fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(self.fd)
+            what = "not a regular file" if not stat.S_ISREG(info.st_mode) else "a hard link to another file"
+            raise UserError(f"cannot take the lock {self.path}: it is {what}; remove it")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -322,8 +410,11 @@ class FolderLock:
             os.close(self.fd)
             raise UserError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it to end "
                             f"or choose another folder") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{self.what} (pid {os.getpid()})".encode(), 0)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{self.what} (pid {os.getpid()})".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, only its note of the holder is missing
+            pass
         return self
 
     def __exit__(self, *exc):
@@ -346,10 +437,13 @@ def load_checkpoint(path, parts=CKPT_PARTS):
     """Load and validate a checkpoint; every way it can be wrong is one clear UserError. `parts`
     are the entries the caller needs (resuming needs all, sampling only the model and G).
     weights_only=True: a checkpoint holds tensors and plain types, and its pickle cannot run code."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with open_input(path, "checkpoint") as f:
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as e:  # truncated zip, a foreign pickle, code the safe unpickler refuses
         raise UserError(f"{path} is not a readable sagan checkpoint (truncated, corrupt or unsafe): "
                         f"{first_line(e)}") from None
@@ -360,6 +454,12 @@ def load_checkpoint(path, parts=CKPT_PARTS):
     missing = [k for k in parts if k not in ckpt]
     if missing:
         raise UserError(f"{path} is a damaged sagan checkpoint: it lacks {', '.join(missing)}")
+    kinds = {"step": int, "model": dict, "train": dict, "G": dict, "D": dict, "G_ema": (dict, type(None)),
+             "opt_G": dict, "opt_D": dict, "rng": dict}
+    wrong = [k for k in parts if not isinstance(ckpt[k], kinds[k]) or (k == "step" and (type(ckpt[k]) is bool or ckpt[k] < 0))]
+    if wrong:
+        raise UserError(f"{path} is a damaged sagan checkpoint: its {', '.join(wrong)} "
+                        f"{'is' if len(wrong) == 1 else 'are'} not what train.py writes")
     return ckpt
 
 
@@ -402,14 +502,30 @@ class RunFolder:
         self.out = out
         self.ckpt = os.path.join(out, "ckpt.pt")
         self.log_path = os.path.join(out, "log.jsonl")
-        self.lock, self.failing = None, set()
+        self.lock, self.failing, self.previous = None, set(), None
 
     def refuse_to_overwrite(self, resume, overwrite):
-        """A fresh run must not destroy the run already in the folder (only reads)."""
-        if resume or overwrite or not os.path.exists(self.ckpt):
+        """A fresh run must not destroy the run already in the folder, with a checkpoint or not yet
+        (only reads). The folder's own files must be its own: none may be a symbolic link."""
+        for name in RUN_FILES[:3] + ("samples", "previous"):
+            if os.path.islink(os.path.join(self.out, name)):
+                raise UserError(f"{os.path.join(self.out, name)} is a symbolic link; a run folder's files are its own: "
+                                f"remove the link")
+        previous = os.path.join(self.out, "previous", "ckpt.pt")
+        if not resume and not overwrite and os.path.lexists(previous) and not os.path.lexists(self.ckpt):
+            raise UserError(f"{self.out} holds a run in {os.path.dirname(previous)}, moved aside by an --overwrite "
+                            f"that did not reach its first checkpoint; move it back, or start afresh with --overwrite")
+        if resume or overwrite:
+            return
+        if not os.path.lexists(self.ckpt):
+            begun = [name for name in ("log.jsonl", "config.json") if os.path.lexists(os.path.join(self.out, name))]
+            if begun:
+                raise UserError(f"{self.out} holds a run that has no checkpoint yet (its {' and '.join(begun)}); start "
+                                f"afresh with --overwrite, or choose another --out")
             return
         try:
-            step = f"at step {torch.load(self.ckpt, map_location='cpu', weights_only=True, mmap=True)['step']}"
+            with open_input(self.ckpt, "checkpoint") as f:
+                step = f"at step {torch.load(f, map_location='cpu', weights_only=True)['step']}"
         except Exception:
             step = "unreadable"
         raise UserError(f"{self.out} already holds a run (its checkpoint is {step}); continue it with "
@@ -431,17 +547,30 @@ class RunFolder:
             for folder in [self.out] + [os.path.join(self.out, sub) for sub in subfolders]:
                 remove_stale(folder)
             if overwrite:
-                pictures = [os.path.join(self.out, sub, name) for sub in subfolders
-                            for name in os.listdir(os.path.join(self.out, sub)) if name.endswith(".png")]
-                for path in [self.ckpt, self.log_path] + pictures:
-                    if os.path.exists(path):
-                        os.remove(path)
+                self.move_aside(subfolders)
             self.trim_log(start)
             text = json.dumps(config, indent=1).encode()
             self.attempt("config.json", lambda: atomic_write(os.path.join(self.out, "config.json"), lambda f: f.write(text)))
         except BaseException:
             self.close()
             raise
+
+    def move_aside(self, subfolders):
+        """--overwrite: the old run's checkpoint, log and pictures move into OUT/previous/, which
+        the first checkpoint of the new run deletes; until then the old run is whole there. (An
+        earlier overwrite that died before its first checkpoint left the old run there already.)"""
+        previous = os.path.join(self.out, "previous")
+        if os.path.lexists(os.path.join(previous, "ckpt.pt")) and not os.path.lexists(self.ckpt):
+            self.previous = previous
+            return
+        remove_tree(previous)
+        names = ["ckpt.pt", "log.jsonl", "config.json"] + [os.path.join(sub, name) for sub in subfolders
+                                                           for name in os.listdir(os.path.join(self.out, sub))]
+        for name in [n for n in names if os.path.lexists(os.path.join(self.out, n))]:
+            os.makedirs(os.path.dirname(os.path.join(previous, name)), exist_ok=True)
+            os.replace(os.path.join(self.out, name), os.path.join(previous, name))
+        fsync_folder(self.out)
+        self.previous = previous
 
     def close(self):
         if self.lock is not None:
@@ -451,16 +580,16 @@ class RunFolder:
     def trim_log(self, start):
         """Keeps the log's lines up to step `start`. A damaged line (half a line from a full disk,
         garbage, not a JSON object with an integer step) is dropped, with one warning."""
-        if not os.path.isfile(self.log_path):
+        if not os.path.lexists(self.log_path):
             return
-        with open(self.log_path, "rb") as f:
+        with open_input(self.log_path, "log") as f:
             lines = [line for line in f.read().split(b"\n") if line.strip()]
         kept, damaged = [], 0
         for line in lines:
             try:
                 record = json.loads(line)
                 good = isinstance(record, dict) and type(record.get("step")) is int
-            except ValueError:  # not JSON, or not UTF-8
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep to read
                 good = False
             damaged += not good
             if good and record["step"] <= start:
@@ -509,13 +638,21 @@ class RunFolder:
         self.attempt("sample grid", lambda: atomic_write(os.path.join(self.out, name), write))
 
     def save(self, state, step):
-        """Writes the checkpoint; False, with a warning, when the disk refuses (the previous one stays)."""
+        """Writes the checkpoint; False, with a warning (once until a save works again), when the
+        disk refuses: the previous one stays. The first one written ends an --overwrite's keeping
+        of the old run."""
         try:
             atomic_write(self.ckpt, lambda f: torch.save(state, f))
         except OSError as e:
-            print(f"warning: could not write the checkpoint at step {step} ({e.strerror or e}); "
-                  f"the previous one in {self.ckpt} is intact", file=sys.stderr)
+            if "checkpoint" not in self.failing:
+                print(f"warning: could not write the checkpoint at step {step} ({e.strerror or e}); "
+                      f"the previous one in {self.ckpt} is intact", file=sys.stderr)
+            self.failing.add("checkpoint")
             return False
+        self.failing.discard("checkpoint")
+        if self.previous is not None:
+            remove_tree(self.previous)
+            self.previous = None
         return True
 
 

@@ -25,7 +25,7 @@ import experiments
 import measures
 import test_sagan
 import train
-from conftest import HERE, TINY, make_checkpoint, random_spd, run_cli
+from conftest import HERE, TINY, fill, make_checkpoint, random_spd, run_cli
 from data import make_dataset
 from runs import UserError
 from sagan import ModelConfig
@@ -59,7 +59,7 @@ def test_weights_with_wrong_keys_or_shapes_are_refused_with_the_first_mismatches
     assert "unexpected Mixed_5b.branch1x1.conv.weigth" in msg
     assert "fc.weight is (1000, 2048), expected (1008, 2048)" in msg
     (tmp_path / "junk.pth").write_text("not a torch file")
-    with pytest.raises(UserError, match="cannot read Inception weights"):
+    with pytest.raises(UserError, match="cannot read the Inception weights"):
         ev.load_inception(str(tmp_path / "junk.pth"))
 
 
@@ -243,15 +243,15 @@ def png_header(width, height):
     ([], "give one source of images"),
     (["--ckpt", "{d}/missing.pt"], "does not exist"),
     (["--ckpt", "{d}/junk.pt"], "not a readable sagan checkpoint"),
-    (["--ckpt", "{ckpt}", "--ref-stats", "{d}/missing.npz"], "cannot read statistics file"),
+    (["--ckpt", "{ckpt}", "--ref-stats", "{d}/missing.npz"], "cannot read the statistics file"),
     (["--ckpt", "{ckpt}", "--ref-stats", "{d}/nokeys.npz"], "need arrays mu and sigma"),
     (["--ckpt", "{ckpt}", "--ref-stats", "{d}/dim.npz"], "should be (2048,)"),
     (["--ckpt", "{ckpt}", "--n", "0"], "--n must be at least 1"),
     (["--ckpt", "{ckpt}", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--ckpt", "{ckpt}", "--n", "5"], "needs at least --splits 10 images, got 5"),
     (["--ckpt", "{ckpt}", "--device", "tpu"], "--device tpu"),
-    (["--ckpt", "{ckpt}", "--inception-weights", "{d}/missing.pth"], "cannot read Inception weights"),
-    (["--ckpt", "{ckpt}", "--inception-weights", "{d}/junk.pt"], "cannot read Inception weights"),
+    (["--ckpt", "{ckpt}", "--inception-weights", "{d}/missing.pth"], "cannot read the Inception weights"),
+    (["--ckpt", "{ckpt}", "--inception-weights", "{d}/junk.pt"], "cannot read the Inception weights"),
     (["--ckpt", "{ckpt}", "--images", "{d}/empty"], "give one source of images"),
     (["--ckpt", "{ckpt}", "--attention", "{d}/a.png", "--points", "1,2;3"], "pairs x,y"),
     (["--ckpt", "{ckpt}", "--attention", "{d}/a.png", "--points", "32,1"], "integers from 0 to 31"),
@@ -428,7 +428,7 @@ def test_experiments_train_at_the_papers_rates_or_the_default_runs_in_their_own_
     assert "--lr-g" not in experiments.train_command(default, "none", 0)  # train.py's preset, 8x
     os.makedirs(experiments.run_folder(paper, "none", 0))
     with open(os.path.join(experiments.run_folder(paper, "none", 0), "experiment.json"), "w") as f:
-        json.dump(dict(wall_s=1.0, steps=None, eval_every=200, eval_n=500, threads=1, rates="paper"), f)
+        json.dump(dict(wall_s=1.0, steps=None, step=1200, eval_every=200, eval_n=500, threads=1, rates="paper"), f)
     assert experiments.finished(paper, "none", 0)["wall_s"] == 1.0
     with pytest.raises(UserError, match="trained at the paper's learning rates, not at the default run's"):
         experiments.finished(default, "none", 0)
@@ -642,6 +642,19 @@ def test_make_copy_command_line(kit, tmp_path, capsys):
     sheet, sagan_py = (tmp_path / "one" / "ASSIGNMENT.md").read_text(), (tmp_path / "one" / "sagan.py").read_text()
     assert "-m d_hinge_loss" in sheet and "-m d_step" not in sheet and "exercise g_hinge_loss: " in sagan_py
     assert "exercise attention_map" not in sagan_py
+
+
+@pytest.mark.course
+def test_a_student_copy_is_written_whole_or_not_at_all(kit, small_disk, capsys):
+    """On a real full disk the copy fails in one line and leaves nothing behind, so that once the
+    disk has room the same command works."""
+    fill(small_disk)
+    out = small_disk / "student"
+    assert kit.make_copy.main(["--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and os.listdir(small_disk) == ["filler"]
+    (small_disk / "filler").unlink()
+    assert kit.make_copy.main(["--out", str(out), "--exercises", "d_hinge_loss"]) == 0
+    assert sorted(os.listdir(small_disk)) == ["student"] and (out / "ASSIGNMENT.md").exists()
 
 
 def run_copy_suite(copy, *args):

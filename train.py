@@ -14,6 +14,7 @@ steps), samples/*.png (a fixed z, a row per class) and ckpt.pt.
 
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -30,8 +31,8 @@ import data
 import evaluate
 import measures
 from runs import (CKPT_FORMAT, CKPT_VERSION, Progress, RunFolder, StopSignals, UserError, at_least, check_resumable,
-                  command, due, make_config, parse_flags, positive, resume_config, rng_state, seed_all, set_rng_state,
-                  setup_processes)
+                  command, due, first_line, make_config, parse_flags, positive, resume_config, rng_state, seed_all,
+                  set_rng_state, setup_processes)
 from sagan import Discriminator, Generator, ModelConfig, d_hinge_loss, g_hinge_loss
 
 
@@ -60,7 +61,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # the EMA's decay per step
     ema_start: int = 2000  # copy G into the EMA until this step
     out: str = "runs/sagan"  # run folder
-    overwrite: bool = False  # start afresh in a run folder that holds a run (deletes its checkpoint, log and samples)
+    overwrite: bool = False  # start afresh in a folder that holds a run (kept in OUT/previous/ until the first checkpoint)
     seed: int = 0  # seed of every random generator
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (difference 9)
@@ -123,6 +124,8 @@ def check_config(cfg, world=1, needs_data=True):
         raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
     if cfg.batch_size % (world * cfg.accum):
         raise UserError(f"--batch-size {cfg.batch_size} must divide by processes x --accum = {world * cfg.accum}")
+    if cfg.data not in data.SOURCES:
+        raise UserError(f"unknown data source {cfg.data!r}; choose from {', '.join(data.SOURCES)}")
     if needs_data and data.SOURCES[cfg.data].root == "required" and not cfg.data_root:
         raise UserError(f"--data {cfg.data} needs --data-root")
     if cfg.model.dims != 2 and (cfg.ref_stats or cfg.inception_weights):
@@ -271,16 +274,28 @@ class GAN:
                 "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(), "rng": rng_state()}
 
     def load(self, ckpt, rank=0, world=1):
-        self.G.load_state_dict(ckpt["G"])
-        self.D.load_state_dict(ckpt["D"])
-        self.opt_G.load_state_dict(ckpt["opt_G"])
-        self.opt_D.load_state_dict(ckpt["opt_D"])
-        if self.G_ema is not None:
-            self.G_ema.load_state_dict(ckpt["G_ema"] if ckpt["G_ema"] is not None else ckpt["G"])
-        if world == 1:
-            set_rng_state(ckpt["rng"])
-        else:  # each process has its own streams; a resumed multi-process run reseeds them
-            torch.manual_seed(self.cfg.seed + rank + 1_000_003 * ckpt["step"])
+        """A checkpoint's state; one that does not fit (shapes, keys, optimizer states, RNG states)
+        or holds weights that are not finite is a UserError, before anything trains."""
+        try:
+            self.G.load_state_dict(ckpt["G"])
+            self.D.load_state_dict(ckpt["D"])
+            for opt, name in ((self.opt_G, "opt_G"), (self.opt_D, "opt_D")):
+                opt.load_state_dict(ckpt[name])
+                for p in (p for group in opt.param_groups for p in group["params"]):  # fused Adam trusts them
+                    if any(torch.is_tensor(v) and v.dim() and v.shape != p.shape for v in opt.state.get(p, {}).values()):
+                        raise ValueError(f"{name} holds a state of another shape than its parameter {tuple(p.shape)}")
+            if self.G_ema is not None:
+                self.G_ema.load_state_dict(ckpt["G_ema"] if ckpt["G_ema"] is not None else ckpt["G"])
+            if world == 1:
+                set_rng_state(ckpt["rng"])
+            else:  # each process has its own streams; a resumed multi-process run reseeds them
+                torch.manual_seed(self.cfg.seed + rank + 1_000_003 * ckpt["step"])
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise UserError(f"{self.cfg.resume} is a damaged sagan checkpoint: its state does not fit the model "
+                            f"({first_line(e, 150)})") from None
+        bad = self.first_bad_weight()
+        if bad:
+            raise UserError(f"{self.cfg.resume} holds weights that are not finite ({bad}): it cannot be continued")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,17 +306,21 @@ LOGGED = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake")
 
 
 def train(cfg, given=frozenset()):
-    """Train (or continue) a run; returns the number of steps done."""
+    """Train (or continue) a run; returns the number of steps done. Everything that can fail before
+    the first step (the config, the data, the model, a checkpoint's state, one batch read) is done
+    before the run folder changes."""
     device, rank, world = setup_processes(cfg.device)
     try:
-        cfg, ckpt, dataset, chores = open_run(cfg, given, device, rank, world)
+        cfg, ckpt, dataset, evaluator = check_run(cfg, given, device, rank, world)
+        seed_all(cfg.seed + rank)
+        gan = GAN(cfg, device, world, amp=use_bf16(cfg, device), channels_last=cfg.channels_last)
+        start = ckpt["step"] if ckpt is not None else 0
+        batches = device_batches(dataset, cfg, start * cfg.d_steps * cfg.accum, device, gan.memory_format, rank, world)
+        if ckpt is not None:
+            gan.load(ckpt, rank, world)
+        batches = itertools.chain([next(batches)], batches)  # the first batch read, before the folder changes
+        chores = (Chores if rank == 0 else Follower)(cfg, evaluator, dataset, start)
         try:
-            seed_all(cfg.seed + rank)
-            gan = GAN(cfg, device, world, amp=use_bf16(cfg, device), channels_last=cfg.channels_last)
-            start = ckpt["step"] if ckpt is not None else 0
-            batches = device_batches(dataset, cfg, start * cfg.d_steps * cfg.accum, device, gan.memory_format, rank, world)
-            if ckpt is not None:
-                gan.load(ckpt, rank, world)
             return loop(cfg, gan, batches, chores.begin(gan, start), start, world)
         finally:
             chores.end()
@@ -342,39 +361,47 @@ def loop(cfg, gan, batches, chores, start, world):
 # norm and precision; the data on the device
 # ---------------------------------------------------------------------------------------------
 
-def open_run(cfg, given, device, rank, world):
-    """Every check that can fail before the first step, then the run folder taken for this run:
-    (cfg, checkpoint or None, dataset, Chores)."""
+def check_run(cfg, given, device, rank, world):
+    """The checks that only read: the config (a resumed run's merged with the flags given), the
+    run folder, the data, the checkpoint's model, the measurements' files. Returns (cfg,
+    checkpoint or None, dataset, the --eval-every measurements or None)."""
     cfg, ckpt = resume_config(cfg, given)
     check_config(cfg, world)
-    lead = rank == 0  # the process that logs, samples and saves
-    run = RunFolder(cfg.out)
-    if lead:
-        run.refuse_to_overwrite(cfg.resume, cfg.overwrite)
+    if rank == 0:
+        folder = RunFolder(cfg.out)
+        folder.refuse_to_overwrite(cfg.resume, cfg.overwrite)
+        if ckpt is not None and os.path.lexists(folder.ckpt) and os.path.realpath(cfg.resume) != os.path.realpath(folder.ckpt):
+            raise UserError(f"{cfg.out} holds a run of its own; continue {cfg.resume} in another --out, or that "
+                            f"run with --resume --out {cfg.out}")
     dataset = data.make_dataset(cfg.data, cfg.data_root or None, cfg.model.size, dims=cfg.model.dims)
     cfg.model = dataclasses.replace(cfg.model, n_classes=dataset.n_classes)
     if ckpt is not None:
         check_resumable(ckpt["model"], cfg.model, cfg.resume)
+        if ckpt["step"] >= cfg.steps:
+            raise UserError(f"{cfg.resume} is at step {ckpt['step']}, and --steps is {cfg.steps}: nothing to train; "
+                            f"give a larger --steps to continue it")
     evaluator = measures.during_training(cfg.data, cfg.eval_n, cfg.ref_stats, cfg.inception_weights, device) \
-        if cfg.eval_every and lead else None
-    if lead:  # from here on the folder is this run's
-        config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(cfg.model)}
-        run.open(config, ckpt["step"] if ckpt is not None else 0, cfg.resume, cfg.overwrite)
-        print("config:", json.dumps(config["train"]), "\nmodel:", json.dumps(config["model"]))
-        if dataset.summary:
-            print(dataset.summary)
-    return cfg, ckpt, dataset, (Chores if lead else Follower)(cfg, run, evaluator, dataset)
+        if cfg.eval_every and rank == 0 else None
+    return cfg, ckpt, dataset, evaluator
 
 
 class Chores:
     """What the loop does around each iteration on the lead process (rank 0): the divergence
-    guard, the log line and its console line, sample grids, measurements and checkpoints."""
+    guard, the log line and its console line, sample grids, measurements and checkpoints. It
+    takes the run folder when the loop begins, after every check."""
 
-    def __init__(self, cfg, run, evaluator, dataset):
-        self.cfg, self.run, self.evaluator, self.dataset = cfg, run, evaluator, dataset
+    def __init__(self, cfg, evaluator, dataset, start):
+        self.cfg, self.evaluator, self.dataset, self.start = cfg, evaluator, dataset, start
+        self.run = RunFolder(cfg.out)
 
     def begin(self, gan, start):
         self.gan, self.progress = gan, Progress(self.cfg.steps, start)
+        cfg = self.cfg
+        config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(cfg.model)}
+        self.run.open(config, start, cfg.resume, cfg.overwrite)  # from here on the folder is this run's
+        print("config:", json.dumps(config["train"]), "\nmodel:", json.dumps(config["model"]))
+        if self.dataset.summary:
+            print(self.dataset.summary)
         return self
 
     def check_finite(self, stats, step):
@@ -427,7 +454,9 @@ class Chores:
               f"continue with: python train.py --resume --out {self.cfg.out}", flush=True)
 
     def finished(self, done):
-        if done == self.cfg.steps and self.dataset.summary:
+        if done < self.cfg.steps:  # stopped by a signal, which said where the checkpoint is
+            return
+        if self.dataset.summary:
             print(self.dataset.summary)
         ckpt = self.run.ckpt
         measured = f"; measured: python measures.py --ckpt {ckpt}" if data.SOURCES[self.cfg.data].synthetic else ""
@@ -440,6 +469,9 @@ class Chores:
 
 class Follower(Chores):
     """The chores of the processes but the lead: only the divergence guard."""
+
+    def begin(self, gan, start):
+        return self
 
     def nothing(self, *args, **kwargs):
         pass

@@ -38,6 +38,13 @@ class UserError(Exception):
     """A mistake on the command line: one line, exit 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a malformed command line one line and exit 2, as every command of the project."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
 # --- Finding a blank's lines ---------------------------------------------------------------------
 
 def find_function(tree, qualname):
@@ -158,10 +165,26 @@ def assignment_sheet(chosen):
 
 
 def make_copy(out, chosen, root=ROOT):
-    """Write the student copy of the project at `root` into the new or empty folder `out`.
-    Returns the number of blanks."""
+    """Write the student copy of the project at `root` into the new or empty folder `out`, whole
+    or not at all: it is made in OUT.partial<pid> beside it and renamed into place when complete,
+    and a partial copy of a process that died is removed. Returns the number of blanks."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--out {out} exists and is not an empty folder")
+    parent, name = os.path.split(os.path.abspath(out))
+    for entry in os.listdir(parent):  # the partial copies of processes that died
+        pid = entry[len(name) + len(".partial"):] if entry.startswith(name + ".partial") else ""
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    partial = os.path.join(parent, f"{name}.partial{os.getpid()}")
+    try:
+        n = write_copy(partial, chosen, root)
+        os.replace(partial, out)  # onto an empty folder, or none
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return n
+
+
+def write_copy(out, chosen, root):
     missing = [name for name in PROJECT_FILES if not os.path.isfile(os.path.join(root, name))]
     if missing:
         raise UserError(f"{root} lacks {', '.join(missing)}: not a whole sagan checkout")
@@ -188,12 +211,12 @@ def make_copy(out, chosen, root=ROOT):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--out", help="the student copy's folder (new, or empty)")
     p.add_argument("--exercises", help=f"comma-separated, default all: {','.join(BY_NAME)}")
     p.add_argument("--list", action="store_true", help="list the exercises and exit")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         if args.list:
             for e in EXERCISES:
                 print(f"{e.name:18} {e.title} ({e.paper})")
@@ -208,6 +231,9 @@ def main(argv=None):
     except (LookupError, SyntaxError) as e:  # the exercise list no longer fits the code
         print(f"error: course/exercises.py: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no copy was written", file=sys.stderr)
+        return 130
     print(f"wrote a student copy to {args.out}: {n} blanks in {len(chosen)} exercises "
           f"({', '.join(e.name for e in chosen)}); the sheet is {os.path.join(args.out, 'ASSIGNMENT.md')}")
     return 0
