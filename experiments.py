@@ -3,6 +3,7 @@
     python experiments.py table1    # Table 1: where attention goes, against the residual control
     python experiments.py figure3   # Figure 3: spectral norm in G and TTUR, over training
     python experiments.py figure5   # Figure 5: attention reach and gamma, over training
+    python experiments.py curves --runs RUN,RUN --picture curves.png   # measurements over training
 
 Each command trains its arms, SEEDS seeds each, with train.py (the default run's model and
 steps unless --steps is given, at the paper's learning rates, PAPER_LR, or with --rates default
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runs import UserError, at_least, atomic_write, command, load_checkpoint, make_config, open_input, \
+from runs import UserError, at_least, atomic_write, check_outputs, command, load_checkpoint, make_config, open_input, \
     parse_flags, read_json, write_json
 from train import PRESETS
 
@@ -63,7 +64,7 @@ OVER_STEPS = [("fid_probe", "FID (probes)", "{:.1f}"), ("colour_fidelity", "colo
 
 @dataclass
 class ExperimentConfig:
-    table: str = ""  # which of the paper's results to measure: table1, figure3 or figure5
+    table: str = ""  # the paper's table1, figure3 or figure5, or curves: the measures over training of --runs
     seeds: int = 3  # seeds 0 .. N-1 per arm
     steps: int = 0  # training steps per run (0: the default run's 1,200)
     eval_every: int = 200  # steps between measurements
@@ -71,11 +72,13 @@ class ExperimentConfig:
     jobs: int = 1  # trainings at once, the CPU threads split between them
     rates: str = "paper"  # learning rates: the paper's (1e-4 for G, 4e-4 for D), or the default run's (8x)
     out: str = ""  # folder of the runs and the tables (experiments, or experiments-default-rates)
+    runs: str = ""  # for curves: run folders, comma-separated, whose log.jsonl holds measurements (--eval-every)
+    picture: str = "curves.png"  # for curves: the PNG to write
 
 
 def parse(argv):
     cfg = make_config(ExperimentConfig, parse_flags(ExperimentConfig, argv, positional=("table",),
-                                                    choices={"table": list(TABLES), "rates": list(RATES)}))
+                                                    choices={"table": list(TABLES) + ["curves"], "rates": list(RATES)}))
     cfg.out = cfg.out or ("experiments" if cfg.rates == "paper" else "experiments-default-rates")
     return cfg
 
@@ -233,8 +236,61 @@ def train_all(cfg, runs, threads):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+CURVES = [("colour_fidelity", "colour fidelity", 1.0), ("shape_fidelity", "shape fidelity", 1.0),
+          ("recall", "recall", 1.0), ("spread", "spread", 1.5), ("mirror_error", "mirror error", 0.1)]
+
+
+def draw_curves(folders, path):
+    """A picture of the synthetic measurements over training: a row per run folder, a panel per
+    measurement (CURVES: its name and the top of its axis), steps across; real data reads 1 for
+    all but the mirror error, 0. Drawn with Pillow, axes and labels included."""
+    from PIL import Image, ImageDraw
+    W, H, pad = 230, 150, 34
+    picture = Image.new("RGB", (len(CURVES) * W, len(folders) * H + 20), "white")
+    draw = ImageDraw.Draw(picture)
+    for row, folder in enumerate(folders):
+        rows = []
+        with open_input(os.path.join(folder, "log.jsonl"), "log") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(r, dict) and "spread" in r and type(r.get("step")) is int:
+                    rows.append(r)
+        if not rows:
+            raise UserError(f"{folder}/log.jsonl holds no synthetic measurements: train with --eval-every")
+        last = max(r["step"] for r in rows)
+        for col, (key, label, top) in enumerate(CURVES):
+            x0, y0, x1, y1 = col * W + pad, 20 + row * H + 14, (col + 1) * W - 8, 20 + (row + 1) * H - 22
+            draw.rectangle([x0, y0, x1, y1], outline="black")
+            for value in (0, top / 2, top):
+                y = y1 - (y1 - y0) * value / top
+                draw.line([x0 - 3, y, x0, y], fill="black")
+                draw.text((x0 - 30, y - 5), f"{value:g}", fill="black")
+            if key != "mirror_error" and top >= 1:  # the real data's value
+                y = y1 - (y1 - y0) / top
+                draw.line([x0, y, x1, y], fill=(150, 150, 150))
+            points = [(x0 + (x1 - x0) * r["step"] / last, y1 - (y1 - y0) * min(r[key], top) / top)
+                      for r in rows if isinstance(r.get(key), (int, float))]
+            draw.line(points, fill=(200, 30, 30), width=2)
+            draw.text((x0, y1 + 4), "0", fill="black")
+            draw.text(((x0 + x1) / 2 - 14, y1 + 4), "steps", fill="black")
+            draw.text((x1 - draw.textlength(str(last)), y1 + 4), str(last), fill="black")
+            draw.text((x0 + 4, y0 - 13), f"{label}" + (f"  ({os.path.basename(os.path.normpath(folder))})" if col == 0 else ""),
+                      fill="black")
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
+
+
 def run(argv):
     cfg = parse(argv)
+    if cfg.table == "curves":
+        if not cfg.runs:
+            raise UserError("curves needs --runs RUN[,RUN...]: run folders trained with --eval-every")
+        folders = [r for r in cfg.runs.split(",") if r]
+        check_outputs([cfg.picture], [os.path.join(r, "log.jsonl") for r in folders])
+        draw_curves(folders, cfg.picture)
+        return print(f"wrote {cfg.picture}")
     at_least(cfg, 1, "seeds", "eval_every", "eval_n", "jobs")
     at_least(cfg, 0, "steps")
     if cfg.eval_every > (cfg.steps or DEFAULT_STEPS):

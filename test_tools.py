@@ -434,6 +434,36 @@ def test_experiments_train_at_the_papers_rates_or_the_default_runs_in_their_own_
         experiments.finished(default, "none", 0)
 
 
+def test_curves_draw_each_measure_where_its_value_lies(tmp_path, capsys):
+    """`experiments.py curves`: a row per run, a panel per measure; a measure held at half its axis
+    draws its line halfway up its panel, in every panel. A run without measurements is one line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    measured = {key: top / 2 for key, _, top in experiments.CURVES}
+    with open(run / "log.jsonl", "w") as f:
+        f.write(json.dumps({"step": 50, "loss_g": 1.0}) + "\n")  # a training line, not a measurement
+        for step in (100, 200, 300):
+            f.write(json.dumps({"step": step, **measured}) + "\n")
+    picture = tmp_path / "curves.png"
+    assert experiments.main(["curves", "--runs", f"{run},{run}", "--picture", str(picture)]) == 0
+    image = np.asarray(Image.open(picture).convert("RGB")).astype(int)
+    red = (image[..., 0] > 150) & (image[..., 1] < 80) & (image[..., 2] < 80)
+    width = image.shape[1] // len(experiments.CURVES)
+    assert image.shape[1] == width * len(experiments.CURVES)
+    for panel in range(len(experiments.CURVES)):
+        rows = np.nonzero(red[:, panel * width:(panel + 1) * width].any(1))[0]
+        halves = [rows[rows < image.shape[0] // 2], rows[rows >= image.shape[0] // 2]]  # the two runs
+        for r, top in zip(halves, (20 + 14, 20 + 150 + 14)):
+            assert len(r) and abs(r.mean() - (top + (150 - 14 - 22) / 2)) <= 2, (panel, r)
+    log = (run / "log.jsonl").read_bytes()
+    assert experiments.main(["curves", "--runs", str(run), "--picture", str(run / "log.jsonl")]) == 2
+    assert "also an input" in capsys.readouterr().err and (run / "log.jsonl").read_bytes() == log
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "log.jsonl").write_text(json.dumps({"step": 50, "loss_g": 1.0}) + "\n")
+    assert experiments.main(["curves", "--runs", str(tmp_path / "empty")]) == 2
+    assert "holds no synthetic measurements" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_experiment_command_trains_measures_and_reuses_its_runs(tmp_path, capsys):
     out = tmp_path / "ex"

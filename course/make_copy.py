@@ -28,7 +28,7 @@ ROOT = os.path.dirname(COURSE)
 # What a student gets: every file of the project but the teaching kit (a test checks that every
 # top-level module and document is here, so that a new one is not forgotten).
 PROJECT_FILES = (".ci/gpu-check", ".ci/run", ".gitignore", "LICENSE", "README.md", "RESULTS.md", "benchmark.py",
-                 "conftest.py", "data.py", "evaluate.py", "experiments.py", "measures.py", "pytest.ini",
+                 "conftest.py", "curves.png", "data.py", "evaluate.py", "experiments.py", "measures.py", "pytest.ini",
                  "requirements.txt", "runs.py", "sagan.py", "samples.png", "samples3d.png", "test_runs.py",
                  "test_sagan.py", "test_tools.py", "train.py")
 KIT_HOOKS = "\n\n# --- The teaching kit's hooks (course/student_conftest.py) ---\n\n"
