@@ -86,6 +86,15 @@ def test_imagenet_preset_is_the_papers():
     assert cfg.batch_size == 128 and cfg.model.attn == ()  # flags win over the preset
 
 
+def test_a_folder_of_small_images_trains_a_small_model_at_the_papers_rates():
+    small, _ = train.parse_config(["--data", "folder", "--data-root", "/x", "--size", "32"])
+    assert (small.model.ch, small.batch_size, small.steps, small.lr_g, small.lr_d) == (16, 64, 1500, 1e-4, 4e-4)
+    large, _ = train.parse_config(["--data", "folder", "--data-root", "/x"])
+    assert (large.model.size, large.model.ch, large.batch_size, large.steps) == (64, 64, 64, 100_000)
+    given, _ = train.parse_config(["--data", "folder", "--size", "32", "--ch", "32", "--steps", "10"])
+    assert (given.model.ch, given.batch_size, given.steps) == (32, 64, 10)  # flags win over it
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny,steps", [(TINY, 10), (TINY3D, 4)], ids=["images", "volumes"])
 def test_resume_is_bit_identical_to_a_straight_run(tmp_path, tiny, steps):

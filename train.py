@@ -93,6 +93,9 @@ PRESETS = {
     "folder": dict(size=64, ch=64, batch_size=64, steps=100_000, workers=4),
     "prepared": dict(size=128, ch=64, batch_size=256, steps=1_000_000, workers=2, ckpt_every=2000),
 }
+# A folder of small images (--size 32 or less): the paper's learning rates, a model a CPU trains,
+# and batch 64, which learns a small real dataset's classes in 1,500 steps where batch 32 does not.
+SMALL_FOLDER = dict(ch=16, batch_size=64, steps=1500, log_every=50, sample_every=500, ckpt_every=500)
 
 
 def parse_config(argv=None, config_class=None):
@@ -104,6 +107,8 @@ def parse_config(argv=None, config_class=None):
     if name not in PRESETS:
         raise UserError(f"unknown data source '{name}'; choose from {', '.join(PRESETS)}")
     preset = {k: min(v, os.cpu_count() or 1) if k == "workers" else v for k, v in PRESETS[name].items()}
+    if name == "folder" and isinstance(given.get("size"), int) and given["size"] <= 32:
+        preset.update(SMALL_FOLDER)
     return make_config(config_class, {"data": name, **preset, **given}), set(given)
 
 
