@@ -40,8 +40,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from runs import FolderLock, Progress, UserError, atomic_write, command, first_line, fsync_folder, make_config, \
-    open_input, parse_flags, read_json, regular_file, remove_stale, remove_tree
+from runs import FolderLock, Progress, UserError, atomic_write, check_outputs, command, first_line, fsync_folder, \
+    make_config, open_input, parse_flags, read_json, regular_file, remove_stale, remove_tree
 
 
 class Source(NamedTuple):
@@ -287,8 +287,8 @@ def scan(root, classes=True):
     reported, and so are entries that are not regular files (FIFOs, sockets, devices, broken links:
     opening a FIFO would block forever). Symbolic links are followed only where they stay inside
     the root, and each folder is read once (by device and inode), so a link loop cannot repeat
-    images; a file or folder that two classes reach (a link from one class into another) is an
-    error naming both, not a silent merge of the two.
+    images; a file or folder that two classes reach (a symbolic or hard link from one class into
+    another) is an error naming both, not a silent merge of the two.
     """
     root = Path(root)
     if not root.exists():
@@ -296,15 +296,20 @@ def scan(root, classes=True):
     if not root.is_dir():
         raise UserError(f"data root {root} is not a directory")
     real_root = os.path.realpath(root)
-    top, by_class, skipped, owner = [], {}, [], {}  # owner: a real path -> the class that reached it
+    top, by_class, skipped, owner = [], {}, [], {}  # owner: a file (device, inode) -> the class that reached it
     seen, todo = {}, [(str(root), ())]
 
-    def claim(path, label, what):
-        real = os.path.realpath(path)
-        if owner.setdefault(real, label) != label:
-            first = owner[real]
-            raise UserError(f"{what} {real} is reachable from two classes, {min(first, label) or '(top)'} and "
-                            f"{max(first, label)} (a symbolic link?); give each image one class")
+    def claim(entry, device, label):
+        if entry.is_symlink():
+            info = os.stat(entry.path)
+            device, inode = info.st_dev, info.st_ino
+        else:
+            inode = entry.inode()  # known from the folder listing: no system call per image
+        if owner.setdefault((device, inode), label) != label:
+            first = owner[device, inode]
+            raise UserError(f"the image {os.path.realpath(entry.path)} is reachable from two classes, "
+                            f"{min(first, label) or '(top)'} and {max(first, label)} (a link?); give each image "
+                            f"one class")
 
     while todo:
         folder, rel = todo.pop()
@@ -314,7 +319,7 @@ def scan(root, classes=True):
             first = seen[info.st_dev, info.st_ino]
             if first != label:
                 raise UserError(f"the folder {os.path.realpath(folder)} is reachable from two classes, "
-                                f"{min(first, label) or '(top)'} and {max(first, label)} (a symbolic link?); "
+                                f"{min(first, label) or '(top)'} and {max(first, label)} (a link?); "
                                 f"give each image one class")
             skipped.append((folder, "folder read before (a second link to it)"))
             continue
@@ -326,13 +331,14 @@ def scan(root, classes=True):
             continue
         subfolders = []
         for entry in (e for e in entries if not e.name.startswith(".")):
-            real = os.path.realpath(entry.path)
-            if entry.is_symlink() and os.path.commonpath([real, real_root]) == real:
-                skipped.append((entry.path, "link to a folder that contains the data root"))
-                continue
-            if entry.is_symlink() and os.path.commonpath([real, real_root]) != real_root:
-                skipped.append((entry.path, "link leaving the data root"))
-                continue
+            if entry.is_symlink():
+                real = os.path.realpath(entry.path)
+                if os.path.commonpath([real, real_root]) == real:
+                    skipped.append((entry.path, "link to a folder that contains the data root"))
+                    continue
+                if os.path.commonpath([real, real_root]) != real_root:
+                    skipped.append((entry.path, "link leaving the data root"))
+                    continue
             try:
                 is_dir, is_file = entry.is_dir(), entry.is_file()  # both follow links
             except OSError:
@@ -344,10 +350,9 @@ def scan(root, classes=True):
             elif not is_file:
                 skipped.append((entry.path, "not a regular file"))
             else:
-                label_here = rel[0] if classes and rel else ""
-                claim(entry.path, label_here, "the image")
-                if label_here:
-                    by_class.setdefault(label_here, []).append(entry.path)
+                claim(entry, info.st_dev, label)
+                if label:
+                    by_class.setdefault(label, []).append(entry.path)
                 else:
                     top.append(entry.path)
         todo += reversed(subfolders)  # depth first, in name order
@@ -587,6 +592,7 @@ def prepare(source, root, size, out, workers=4, length=None, batch_size=256, log
     """
     if source not in PREPARABLE:
         raise UserError(f"prepare copies a source of images, not {source}; choose one of {', '.join(PREPARABLE)}")
+    check_outputs([out], [root])
     dataset = make_dataset(source, root, size, length=length)
     out = Path(out)
     try:

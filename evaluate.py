@@ -719,10 +719,10 @@ def evaluate(cfg):
 def parse(argv):
     """The EvalConfig of a command line; --attention and --grid without a name write into the
     checkpoint's run folder."""
-    given = parse_flags(EvalConfig, argv, options={"attention": dict(nargs="?", const=PICTURES["attention"]),
-                                                   "grid": dict(nargs="?", const=PICTURES["grid"])})
+    bare = {flag: "\0" + name for flag, name in PICTURES.items()}  # no path holds a NUL: no one types these
+    given = parse_flags(EvalConfig, argv, options={flag: dict(nargs="?", const=bare[flag]) for flag in PICTURES})
     for flag, name in PICTURES.items():
-        if given.get(flag) == name:
+        if given.get(flag) == bare[flag]:
             given[flag] = os.path.join(os.path.dirname(given.get("ckpt", "")) or ".", name)
     return make_config(EvalConfig, given)
 

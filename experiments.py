@@ -1,11 +1,12 @@
-"""The paper's claims measured on the built-in synthetic data: one command per table.
+"""The paper's claims measured on the built-in synthetic data: one command per table, and a
+picture of any runs' measurements over training.
 
     python experiments.py table1    # Table 1: where attention goes, against the residual control
     python experiments.py figure3   # Figure 3: spectral norm in G and TTUR, over training
     python experiments.py figure5   # Figure 5: attention reach and gamma, over training
     python experiments.py curves --runs RUN,RUN --picture curves.png   # measurements over training
 
-Each command trains its arms, SEEDS seeds each, with train.py (the default run's model and
+Each table's command trains its arms, SEEDS seeds each, with train.py (the default run's model and
 steps unless --steps is given, at the paper's learning rates, PAPER_LR, or with --rates default
 at the default run's), with measures.synthetic_metrics logged every --eval-every steps over
 --eval-n samples. The table of means and sample standard deviations over the seeds is printed and
@@ -19,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 DEFAULT_STEPS = PRESETS["synthetic"]["steps"]  # the default run's, which every arm trains unless --steps
 RUNNING = set()  # the trainings under way
 STOPPING = False  # set by an interrupt
+STARTING = threading.Lock()  # held to start a training, and to stop them all: none slips between
 FINAL = [("mirror_error", "mirror error", "{:.4f}"), ("colour_fidelity", "colour", "{:.3f}"),
          ("shape_fidelity", "shape", "{:.3f}"), ("fid_probe", "FID (probes)", "{:.1f}"),
          ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("spread", "spread", "{:.2f}"),
@@ -108,7 +111,7 @@ def finished(cfg, arm, seed):
     done = read_json(path, "experiment record")
     kinds = {"wall_s": (int, float), "threads": int, "step": int, "eval_every": int, "eval_n": int}
     if not isinstance(done, dict) or not all(isinstance(done.get(k), t) for k, t in kinds.items()):
-        raise UserError(f"the experiment record {path} is damaged; delete it to train that run again")
+        raise UserError(f"the experiment record {path} is damaged; delete its folder to train that run again")
     rates = done.get("rates")
     if rates != cfg.rates:
         raise UserError(f"{os.path.dirname(path)} was trained at {RATES.get(rates, 'unknown')} learning rates, "
@@ -124,15 +127,25 @@ def train(cfg, arm, seed, threads):
     if done is not None:
         return done
     folder = run_folder(cfg, arm, seed)
+    if os.path.lexists(os.path.join(folder, "ckpt.pt")):
+        ckpt = load_checkpoint(os.path.join(folder, "ckpt.pt"), parts=("step", "train"))
+        if ckpt["step"] >= (cfg.steps or DEFAULT_STEPS):  # finished, but not as this command asks
+            was = ckpt["train"]
+            raise UserError(f"the run {folder} has finished (step {ckpt['step']}, --eval-every {was.get('eval_every')}, "
+                            f"--eval-n {was.get('eval_n')}) without a record of these settings; give them, another "
+                            f"--out, or delete that folder to train the run again")
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     log_path = folder + ".txt"
     t = time.perf_counter()
     with open(log_path, "a") as log:
-        if STOPPING:  # interrupted: no new training starts
-            raise KeyboardInterrupt
-        proc = subprocess.Popen(train_command(cfg, arm, seed), stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        RUNNING.add(proc)
+        with STARTING:
+            if STOPPING:  # interrupted: no new training starts
+                raise KeyboardInterrupt
+            # A session of its own: a Ctrl-C at the terminal reaches this process only, which
+            # passes one SIGTERM on (a second signal would stop a training without saving).
+            proc = subprocess.Popen(train_command(cfg, arm, seed), stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": str(threads)}, start_new_session=True)
+            RUNNING.add(proc)
         try:
             code = proc.wait()
         finally:
@@ -227,9 +240,10 @@ def train_all(cfg, runs, threads):
             wait(futures, timeout=0.5)
         return dict(zip(runs, (f.result() for f in futures)))
     except KeyboardInterrupt:
-        STOPPING = True
-        for proc in list(RUNNING):
-            proc.send_signal(signal.SIGTERM)
+        with STARTING:
+            STOPPING = True
+            for proc in list(RUNNING):
+                proc.send_signal(signal.SIGTERM)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

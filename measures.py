@@ -11,6 +11,8 @@ measured where no natural-image metric reaches:
                      trained here in seconds on real synthetic images, answer.
     FID, precision   does G cover the data? In the probes' features, so no Inception download.
     and recall
+    spread           do a class's samples vary as its images do? Object position and size, against
+                     the data's (1 is the data's variety, 0 one picture per class)
     reach            does G's attention reach the mirror object? (Figure 5 as a number)
 
 Volumes (a generator trained with --dims 3) get the same measurements, with 3-D probes.
@@ -159,8 +161,9 @@ def precision_recall(real, fake, k=3, chunk=1000):
 
 def object_layout(images):
     """Where the left object of each synthetic-like image (volume) is and how large: (B, dims + 1),
-    its centre's row and column (and depth) and the square (cube) root of its area (volume), in
-    pixels, from object_masks; NaN for an image without an object."""
+    its centre's coordinates in the order of the axes (row, column; depth, row, column for a volume)
+    and the square (cube) root of its area (volume), in pixels, from object_masks; NaN for an image
+    without an object."""
     left = data.object_masks(images)[0].flatten(1).double()  # (B, N)
     spatial = images.shape[2:]
     grid = torch.stack(torch.meshgrid(*(torch.arange(s, dtype=torch.float64) for s in spatial), indexing="ij"), -1)

@@ -9,7 +9,9 @@ none of them:
                   comment on the field's line (parse_flags, make_config)
     checks        at_least, positive
     devices       resolve_device, and the processes of a torchrun launch
-    files         atomic_write, FolderLock, remove_stale
+    files         open_input, regular_file and read_json (inputs: regular files only, never
+                  blocking), check_outputs (no output onto an input or a run's files),
+                  atomic_write, FolderLock, remove_stale
     checkpoints   the checkpoint format and load_checkpoint
     run folders   RunFolder: config.json, log.jsonl, pictures and ckpt.pt of one run
     signals       StopSignals: Ctrl-C and SIGTERM end a run at a step boundary, with a checkpoint
@@ -304,7 +306,8 @@ def atomic_write(path, write):
 def open_input(path, what="file"):
     """Opens an input for reading ("rb") only if it is a regular file: a FIFO, a socket, a device or
     a folder named like the input is one UserError, and opening never blocks (O_NONBLOCK, cleared
-    once the file is known to be regular). Every command reads its inputs through this."""
+    once the file is known to be regular). The commands read their inputs through this, or check
+    them with regular_file first."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
@@ -319,7 +322,7 @@ def open_input(path, what="file"):
 
 def regular_file(path, what="file"):
     """Raises a UserError unless path is a regular file (for readers that take a path, such as a
-    memory map), without opening it."""
+    memory map): opened as open_input opens it, and closed unread."""
     open_input(path, what).close()
     return path
 
@@ -492,8 +495,10 @@ def check_resumable(saved, model, path):
 class RunFolder:
     """What a run keeps on disk, written by one process: config.json, log.jsonl, pictures, ckpt.pt.
 
-    A folder belongs to one run: a fresh run into a folder that holds a checkpoint is refused
-    (unless it overwrites), and a FolderLock refuses a second process while one runs. Every file
+    A folder belongs to one run: a fresh run into a folder that holds a run (a checkpoint, a log or
+    a config) is refused unless it overwrites, which moves the old run to OUT/previous/ until the
+    new run's first checkpoint is written; a symbolic link among its files is refused; a
+    FolderLock refuses a second process while one runs. Every file
     is written atomically or, for log lines, appended whole or not at all; a write that fails (a
     full disk, an I/O error) is one warning per kind of file, and the run goes on.
     """
@@ -533,7 +538,7 @@ class RunFolder:
 
     def open(self, config, start, resume=False, overwrite=False, subfolders=("samples",)):
         """Takes the folder for this run, after every check: locks it, removes the temporary
-        files of dead processes, clears it for an overwrite, cuts the log back to step `start`
+        files of dead processes, moves the old run aside for an overwrite, cuts the log back to step `start`
         (a resumed run writes what follows again) and writes config.json (a dict of plain values)."""
         try:
             for sub in subfolders:

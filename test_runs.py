@@ -86,6 +86,18 @@ def test_imagenet_preset_is_the_papers():
     assert cfg.batch_size == 128 and cfg.model.attn == ()  # flags win over the preset
 
 
+@pytest.mark.slow
+def test_the_last_line_says_where_the_run_is_and_what_to_run_next(tmp_path, capsys):
+    for attn, figure in (("16", True), ("none", False)):
+        out = tmp_path / attn
+        assert train.main(TINY + ["--steps", "1", "--attn", attn, "--out", out]) == 0
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        ckpt = out / "ckpt.pt"
+        assert last.startswith(f"done: step 1 in {ckpt}, sample grids in {out / 'samples'}") and \
+            last.endswith(f"; measured: python measures.py --ckpt {ckpt}"), last
+        assert (f"; Figure 5: python evaluate.py --ckpt {ckpt} --attention" in last) == figure, last
+
+
 def test_a_folder_of_small_images_trains_a_small_model_at_the_papers_rates():
     small, _ = train.parse_config(["--data", "folder", "--data-root", "/x", "--size", "32"])
     assert (small.model.ch, small.batch_size, small.steps, small.lr_g, small.lr_d) == (16, 64, 1500, 1e-4, 4e-4)
@@ -836,8 +848,9 @@ def test_every_check_runs_before_the_folder_changes_and_overwrite_keeps_the_old_
 
 @pytest.mark.slow
 def test_no_output_lands_on_an_input_or_on_another_runs_files(tmp_path, capsys):
-    """Resuming another run's checkpoint into a folder that holds a run of its own replaced that run
-    without a word; evaluate.py and measures.py wrote their JSON over the checkpoint they read."""
+    """Resuming another run's checkpoint into a folder that holds a run of its own, evaluate.py's and
+    measures.py's JSON onto the checkpoint they read or onto another run's files, a run or prepared
+    arrays inside the data folder they read: each is refused, and nothing changes."""
     a, b = tmp_path / "a", tmp_path / "b"
     for run in (a, b):
         assert train.main(TINY + ["--steps", "1", "--out", run]) == 0
@@ -850,12 +863,20 @@ def test_no_output_lands_on_an_input_or_on_another_runs_files(tmp_path, capsys):
     assert ev.main(["--ckpt", str(b / "ckpt.pt"), "--out", str(a / "log.jsonl")]) == 2
     assert f"is a file of the run in {a}" in capsys.readouterr().err
     assert snapshot(b) == before
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(images / "cat" / "a.png")
+    assert train.main(TINY + ["--data", "folder", "--data-root", images, "--out", images / "run"]) == 2
+    assert "is also an input of this command" in capsys.readouterr().err
+    assert data.main(["prepare", "--data", "folder", "--data-root", str(images), "--size", "32", "--out", str(images)]) == 2
+    assert "is also an input of this command" in capsys.readouterr().err
+    assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*")) == ["cat", "cat/a.png"]
 
 
 @pytest.mark.slow
 def test_an_input_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, capsys):
     """Real FIFOs named like a checkpoint, a log, prepared labels, statistics and an image: opening
-    one blocks forever, so each command used to hang; each is now one line, at once."""
+    one would block forever; each is one line, at once."""
     run = tmp_path / "run"
     assert train.main(TINY + ["--steps", "1", "--out", run]) == 0
     data.prepare("synthetic", None, 32, tmp_path / "prep", workers=0, length=12, log=open(os.devnull, "w"))
@@ -929,8 +950,8 @@ def test_every_failure_a_user_can_cause_is_one_line(tmp_path, capsys, monkeypatc
 
 @pytest.mark.slow
 def test_samples_that_are_not_finite_are_an_error_in_every_measurement_and_picture(tmp_path, capsys):
-    """A checkpoint whose G holds NaN drew black pictures and scored a perfect mirror error of 0.
-    NaN weights are refused when the checkpoint is read; finite weights can still draw NaN (here a
+    """NaN samples would turn into black pictures and a perfect mirror error of 0: no measurement
+    or picture takes them. NaN weights are refused when the checkpoint is read; finite weights can still draw NaN (here a
     negative running variance), which the samples' own check catches."""
     path = make_checkpoint(tmp_path / "ckpt.pt", n_classes=10)
     ckpt = torch.load(path, weights_only=True)
@@ -1187,9 +1208,9 @@ def test_scanning_takes_regular_files_and_each_folder_once(tmp_path):
 
 
 def test_symbolic_links_never_merge_classes_nor_leave_the_data_root(tmp_path):
-    """Real links: one from a class folder to its sibling class, which used to merge the two
-    classes without a word (training ran with one); one to a file of another class; one to /,
-    which used to walk into /proc; all refused or left out, each said."""
+    """Real links: one from a class folder to its sibling class (followed, it would merge the two
+    classes); a symbolic and a hard link to a file of another class; one to /, which would walk
+    into /proc. Each is refused or left out, and said."""
     root = tmp_path / "data"
     for rel in ("a/1.png", "b/2.png", "b/3.png"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -1206,12 +1227,16 @@ def test_symbolic_links_never_merge_classes_nor_leave_the_data_root(tmp_path):
         "a/4.png": "link leaving the data root", "b/elsewhere": "link leaving the data root",
         "b/everything": "link to a folder that contains the data root"}
     os.symlink("../b", root / "a" / "b_too")  # the sibling class, inside a
-    with pytest.raises(UserError, match=r"reachable from two classes, a and b .*a symbolic link"):
+    with pytest.raises(UserError, match=r"reachable from two classes, a and b .*a link"):
         data.scan(root)
     (root / "a" / "b_too").unlink()
     os.symlink("../b/2.png", root / "a" / "2.png")
     with pytest.raises(UserError, match=r"the image .*2.png is reachable from two classes, (a and b|b and a)"):
         make_dataset("folder", root, 8)
+    (root / "a" / "2.png").unlink()
+    os.link(root / "b" / "3.png", root / "a" / "3.png")  # a hard link: the same file in both classes
+    with pytest.raises(UserError, match=r"the image .*3.png is reachable from two classes, a and b"):
+        data.scan(root)
 
 
 def test_the_run_folder_lock_never_follows_a_link(tmp_path, capsys):

@@ -9,8 +9,10 @@ import difflib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +29,7 @@ import test_sagan
 import train
 from conftest import HERE, TINY, fill, make_checkpoint, random_spd, run_cli
 from data import make_dataset
+import runs
 from runs import UserError
 from sagan import ModelConfig
 
@@ -108,6 +111,14 @@ def test_load_generator_picks_ema_weights_when_present(ckpt):
     assert cfg.size == 32 and not G.training and G.attention_layers[0].gamma.item() == 0.5
     G_raw, _ = ev.load_generator(ckpt, ema=False)
     assert G_raw.attention_layers[0].gamma.item() == 0.0
+
+
+def test_pictures_without_a_name_go_to_the_run_folder_and_named_ones_where_named():
+    for flag, name in (("--attention", "fig5.png"), ("--grid", "grid.png")):
+        key = flag[2:]
+        assert getattr(ev.parse(["--ckpt", "runs/a/ckpt.pt", flag]), key) == os.path.join("runs/a", name)
+        assert getattr(ev.parse(["--ckpt", "runs/a/ckpt.pt", flag, name]), key) == name
+        assert getattr(ev.parse(["--ckpt", "runs/a/ckpt.pt"]), key) == ""
 
 
 def test_attention_figure_and_raw_maps(ckpt, tmp_path):
@@ -486,8 +497,37 @@ def test_experiment_command_trains_measures_and_reuses_its_runs(tmp_path, capsys
     log = [json.loads(line) for line in open(out / "attn16" / "seed0" / "log.jsonl")]
     assert [r["step"] for r in log if "fid_probe" in r] == [2, 4, 6], log
     assert '"resume": "' + str(out / "attn16" / "seed0" / "ckpt.pt") in (out / "attn16" / "seed0.txt").read_text()[len(before):]
+    # A finished run measured at other settings, or without its record, is named, not trained again.
+    capsys.readouterr()
+    (out / "attn16" / "seed0" / "experiment.json").unlink()
+    for extra in ([], ["--eval-n", "10"]):
+        assert experiments.main([*args[:4], "6", *args[5:], *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "has finished (step 6, --eval-every 2, --eval-n 20)" in err, err
     assert experiments.main(["table2"]) == 2 and "invalid choice: 'table2'" in capsys.readouterr().err
 
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_experiments_trainings_each_with_its_checkpoint(tmp_path):
+    """A Ctrl-C at the terminal signals the whole foreground process group. experiments.py passes
+    one SIGTERM to each training, which saves and stops; a training that also got the SIGINT itself
+    would take the two as "stop at once" and save nothing. One line, exit 130, no training left."""
+    out = tmp_path / "ex"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "experiments.py"), "figure5", "--seeds", "1", "--steps",
+                             "100000", "--eval-every", "100000", "--eval-n", "20", "--out", str(out)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, t = out / "attn16" / "seed0.txt", time.time()
+    while not (log.exists() and "config:" in log.read_text()):  # the training has begun its loop
+        assert proc.poll() is None and time.time() - t < 120, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "interrupted: the trainings under way saved a checkpoint; the same command resumes them"], err
+    assert "stopped by signal 15" in log.read_text() and "checkpoint saved" in log.read_text(), log.read_text()
+    assert runs.load_checkpoint(str(out / "attn16" / "seed0" / "ckpt.pt"))["step"] >= 1
 
 
 # ---------------------------------------------------------------------------------------------

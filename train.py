@@ -30,9 +30,9 @@ from torchvision.utils import save_image
 import data
 import evaluate
 import measures
-from runs import (CKPT_FORMAT, CKPT_VERSION, Progress, RunFolder, StopSignals, UserError, at_least, check_resumable,
-                  command, due, first_line, make_config, parse_flags, positive, resume_config, rng_state, seed_all,
-                  set_rng_state, setup_processes)
+from runs import (CKPT_FORMAT, CKPT_VERSION, Progress, RunFolder, StopSignals, UserError, at_least, check_outputs,
+                  check_resumable, command, due, first_line, make_config, parse_flags, positive, resume_config, rng_state,
+                  seed_all, set_rng_state, setup_processes)
 from sagan import Discriminator, Generator, ModelConfig, d_hinge_loss, g_hinge_loss
 
 
@@ -324,7 +324,7 @@ def train(cfg, given=frozenset()):
         if ckpt is not None:
             gan.load(ckpt, rank, world)
         batches = itertools.chain([next(batches)], batches)  # the first batch read, before the folder changes
-        chores = (Chores if rank == 0 else Follower)(cfg, evaluator, dataset, start)
+        chores = (Chores if rank == 0 else Follower)(cfg, evaluator, dataset)
         try:
             return loop(cfg, gan, batches, chores.begin(gan, start), start, world)
         finally:
@@ -373,6 +373,7 @@ def check_run(cfg, given, device, rank, world):
     cfg, ckpt = resume_config(cfg, given)
     check_config(cfg, world)
     if rank == 0:
+        check_outputs([cfg.out], [cfg.data_root, cfg.ref_stats, cfg.inception_weights])
         folder = RunFolder(cfg.out)
         folder.refuse_to_overwrite(cfg.resume, cfg.overwrite)
         if ckpt is not None and os.path.lexists(folder.ckpt) and os.path.realpath(cfg.resume) != os.path.realpath(folder.ckpt):
@@ -395,8 +396,8 @@ class Chores:
     guard, the log line and its console line, sample grids, measurements and checkpoints. It
     takes the run folder when the loop begins, after every check."""
 
-    def __init__(self, cfg, evaluator, dataset, start):
-        self.cfg, self.evaluator, self.dataset, self.start = cfg, evaluator, dataset, start
+    def __init__(self, cfg, evaluator, dataset):
+        self.cfg, self.evaluator, self.dataset = cfg, evaluator, dataset
         self.run = RunFolder(cfg.out)
 
     def begin(self, gan, start):
@@ -464,9 +465,10 @@ class Chores:
         if self.dataset.summary:
             print(self.dataset.summary)
         ckpt = self.run.ckpt
+        figure = f"; Figure 5: python evaluate.py --ckpt {ckpt} --attention" if self.gan.G.attention_layers else ""
         measured = f"; measured: python measures.py --ckpt {ckpt}" if data.SOURCES[self.cfg.data].synthetic else ""
-        print(f"done: step {done} in {ckpt}, sample grids in {os.path.join(self.cfg.out, 'samples')}; Figure 5: "
-              f"python evaluate.py --ckpt {ckpt} --attention{measured}", flush=True)
+        print(f"done: step {done} in {ckpt}, sample grids in {os.path.join(self.cfg.out, 'samples')}{figure}{measured}",
+              flush=True)
 
     def end(self):
         self.run.close()

@@ -1,7 +1,7 @@
 """Write a student copy of sagan: the whole project, runnable, with the exercises' code blanked.
 
     python course/make_copy.py --out ~/sagan-student                  # every exercise
-    python course/make_copy.py --out DIR --exercises attention_map,hinge_loss
+    python course/make_copy.py --out DIR --exercises attention_map,d_hinge_loss
     python course/make_copy.py --list                                 # the exercises
 
 The copy holds the project's files (PROJECT_FILES), each chosen exercise's code replaced by one
