@@ -482,8 +482,9 @@ def resume_config(cfg, given):
 
 def check_resumable(saved, model, path):
     """The model a checkpoint holds (`saved`, a dict) must be the one built now."""
-    conflicts = [f"{k} (checkpoint: {v}, now: {getattr(model, k)})" for k, v in saved.items()
-                 if (tuple(v) if isinstance(v, list) else v) != getattr(model, k)]
+    missing = object()  # a field this code's model does not have: another model
+    conflicts = [f"{k} (checkpoint: {v}, now: {'none' if getattr(model, k, missing) is missing else getattr(model, k)})"
+                 for k, v in saved.items() if (tuple(v) if isinstance(v, list) else v) != getattr(model, k, missing)]
     if conflicts:
         raise UserError(f"cannot resume {path}: the model differs in " + "; ".join(conflicts))
 

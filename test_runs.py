@@ -970,7 +970,7 @@ def test_samples_that_are_not_finite_are_an_error_in_every_measurement_and_pictu
 @pytest.mark.slow
 def test_hostile_checkpoints_are_refused_before_the_folder_changes(tmp_path, capsys):
     """Crafted checkpoints given to --resume: a step of the wrong type or below 0, a model field
-    of the wrong type, an optimizer state of the wrong shape (fused Adam would read and write out of
+    of the wrong type or unknown to this code, an optimizer state of the wrong shape (fused Adam would read and write out of
     bounds), weights that are NaN or -inf. Each is one line, and the new folder is never made."""
     base = tmp_path / "base"
     assert train.main(TINY + ["--steps", "2", "--out", base]) == 0
@@ -978,11 +978,13 @@ def test_hostile_checkpoints_are_refused_before_the_folder_changes(tmp_path, cap
     ckpt = torch.load(base / "ckpt.pt", weights_only=True)
     state = next(iter(ckpt["opt_G"]["state"].values()))
     crafted = {"step 2.5": ("step", 2.5), "step -5": ("step", -5), "ch '8'": ("model", {**ckpt["model"], "ch": "8"}),
+               "foo": ("model", {**ckpt["model"], "foo": 1}),
                "opt_G": ("opt_G", {**ckpt["opt_G"], "state": {**ckpt["opt_G"]["state"], 0: {**state, "exp_avg": torch.zeros(7)}}}),
                "nan": ("G", {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt["G"].items()}),
                "-inf": ("G", {**ckpt["G"], "blocks.0.bn1.bias.weight": ckpt["G"]["blocks.0.bn1.bias.weight"].fill_(float("-inf"))})}
     messages = {"step 2.5": "its step is not what train.py writes", "step -5": "its step is not what train.py writes",
-                "ch '8'": "--ch must be int", "opt_G": "opt_G holds a state of another shape",
+                "ch '8'": "--ch must be int", "foo": "the model differs in foo (checkpoint: 1, now: none)",
+                "opt_G": "opt_G holds a state of another shape",
                 "nan": "holds weights that are not finite", "-inf": "holds weights that are not finite"}
     for name, (key, value) in crafted.items():
         path = tmp_path / f"{name}.pt"

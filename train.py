@@ -94,7 +94,7 @@ PRESETS = {
     "prepared": dict(size=128, ch=64, batch_size=256, steps=1_000_000, workers=2, ckpt_every=2000),
 }
 # A folder of small images (--size 32 or less): the paper's learning rates, a model a CPU trains,
-# and batch 64, which learns a small real dataset's classes in 1,500 steps where batch 32 does not.
+# and batch 64, with which a small real dataset's classes are learned in 1,500 steps.
 SMALL_FOLDER = dict(ch=16, batch_size=64, steps=1500, log_every=50, sample_every=500, ckpt_every=500)
 
 
