@@ -514,16 +514,25 @@ def test_ctrl_c_stops_the_experiments_trainings_each_with_its_checkpoint(tmp_pat
     one SIGTERM to each training, which saves and stops; a training that also got the SIGINT itself
     would take the two as "stop at once" and save nothing. One line, exit 130, no training left."""
     out = tmp_path / "ex"
+    # As from a terminal: SIGINT at its default (a shell's background job would start with it ignored).
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "experiments.py"), "figure5", "--seeds", "1", "--steps",
                              "100000", "--eval-every", "100000", "--eval-n", "20", "--out", str(out)], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    log, t = out / "attn16" / "seed0.txt", time.time()
-    while not (log.exists() and "config:" in log.read_text()):  # the training has begun its loop
-        assert proc.poll() is None and time.time() - t < 120, proc.communicate()
-        time.sleep(0.2)
-    time.sleep(1)
-    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
-    _, err = proc.communicate(timeout=120)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    log, lock, t = out / "attn16" / "seed0.txt", out / "attn16" / "seed0" / ".lock", time.time()
+    try:
+        while not (log.exists() and "config:" in log.read_text()):  # the training has begun its loop
+            assert proc.poll() is None and time.time() - t < 120, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+        _, err = proc.communicate(timeout=120)
+    finally:  # if it did not stop, leave no training behind (its pid is in its run folder's lock)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pid = re.search(r"pid (\d+)", lock.read_text()) if lock.exists() else None
+            if pid:
+                os.kill(int(pid.group(1)), signal.SIGKILL)
     assert proc.returncode == 130 and err.strip().splitlines() == [
         "interrupted: the trainings under way saved a checkpoint; the same command resumes them"], err
     assert "stopped by signal 15" in log.read_text() and "checkpoint saved" in log.read_text(), log.read_text()
