@@ -69,7 +69,9 @@ def command(run, argv=None, interrupted="interrupted"):
             stream.reconfigure(errors="backslashreplace")
     with warnings.catch_warnings():  # restores the warnings machinery when called in-process
         warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+        # One write per line: warnings from several DataLoader workers share stderr, and a line
+        # written in two parts could be cut by another process's.
+        warnings.showwarning = lambda message, *args, **kwargs: sys.stderr.write(f"warning: {message}\n")
         try:
             run(argv)
         except UserError as e:

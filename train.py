@@ -255,9 +255,9 @@ class GAN:
             if not name.endswith(("._u", "._v")):
                 b_ema.copy_(b)
 
-    @property
-    def G_show(self):
-        """The generator to sample, measure and save: the EMA, its spectral norm exact, when kept."""
+    def G_to_show(self):
+        """The generator to sample, measure and save: the EMA when kept, its spectral-norm vectors
+        first set to the exact top singular pairs of its weights."""
         if self.G_ema is None:
             return self.G
         exact_spectral_norm(self.G_ema)
@@ -275,7 +275,7 @@ class GAN:
         return {"format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                 "model": dataclasses.asdict(self.cfg.model), "train": train,
                 "G": self.G.state_dict(), "D": self.D.state_dict(),
-                "G_ema": self.G_show.state_dict() if self.G_ema is not None else None,
+                "G_ema": self.G_to_show().state_dict() if self.G_ema is not None else None,
                 "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(), "rng": rng_state()}
 
     def load(self, ckpt, rank=0, world=1):
@@ -430,7 +430,7 @@ class Chores:
     def samples(self, done, cols=8):
         """A grid from a fixed z: one row per class (at most 10 classes, evenly spread), a column per
         z; a volume as slices and a projection side by side (evaluate.volume_views)."""
-        G, n = self.gan.G_show, self.cfg.model.n_classes
+        G, n = self.gan.G_to_show(), self.cfg.model.n_classes
         rows = min(n, 10)
         training = G.training
         G.eval()  # running BN statistics; no spectral-norm update, so training is not disturbed
@@ -442,7 +442,7 @@ class Chores:
 
     def measure(self, done):
         if self.evaluator is not None:
-            metrics = self.evaluator(self.gan.G_show)
+            metrics = self.evaluator(self.gan.G_to_show())
             self.run.log({"step": done, **metrics})
             print(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
                   flush=True)
