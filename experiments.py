@@ -59,8 +59,9 @@ STOPPING = False  # set by an interrupt
 STARTING = threading.Lock()  # held to start a training, and to stop them all: none slips between
 FINAL = [("mirror_error", "mirror error", "{:.4f}"), ("colour_fidelity", "colour", "{:.3f}"),
          ("shape_fidelity", "shape", "{:.3f}"), ("fid_probe", "FID (probes)", "{:.1f}"),
-         ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("spread", "spread", "{:.2f}"),
-         ("reach", "reach", "{:.2f}")]
+         ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
+         ("colour_recall", "recall colour", "{:.3f}"), ("shape_recall", "recall shape", "{:.3f}"),
+         ("spread", "spread", "{:.2f}"), ("reach", "reach", "{:.2f}")]
 OVER_STEPS = [("fid_probe", "FID (probes)", "{:.1f}"), ("colour_fidelity", "colour fidelity", "{:.3f}"),
               ("shape_fidelity", "shape fidelity", "{:.3f}"), ("mirror_error", "mirror error", "{:.4f}")]
 

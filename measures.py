@@ -248,6 +248,11 @@ def sample_metrics(fake, labels, probe_seed=0):
         shape_fidelity     the same for the shape probe
         fid_probe          Frechet distance in the two probes' features side by side (64-d)
         precision, recall  Kynkaanniemi et al. (k = 3) in the same features
+        colour_recall      recall in the colour probe's features alone: low when the samples of a
+                           class share one background tint and shade
+        shape_recall       recall in the shape probe's features alone: low when they share one
+                           layout, and also when they carry pixel noise, which these features see;
+                           the 64-d recall follows this one, whose distances are the larger
         spread             object_spread: how the samples of a class vary in object position and
                            size, against the real images of the class (real images: about 1)
         spread_per_class   the same for each class, a list
@@ -256,11 +261,11 @@ def sample_metrics(fake, labels, probe_seed=0):
     nets, _ = probes(size, probe_seed, dims)
     real, real_labels = synthetic_images(size, 0, len(fake), dims)
 
-    def features(images):
-        return torch.cat([torch.cat([nets[c].features(images[i:i + 500]) for c in nets], dim=1)
-                          for i in range(0, len(images), 500)])
+    def features(images, cue):
+        return torch.cat([nets[cue].features(images[i:i + 500]) for i in range(0, len(images), 500)])
 
-    f_real, f_fake = features(real), features(fake)
+    per_cue = {c: (features(real, c), features(fake, c)) for c in nets}  # cue -> (real, fake), each (n, 32)
+    f_real, f_fake = (torch.cat(f, dim=1) for f in zip(*per_cue.values()))  # (n, 64): colour, then shape
     precision, recall = precision_recall(f_real, f_fake)
     spread, per_class = object_spread(fake, labels, real, real_labels)
     return {
@@ -269,6 +274,7 @@ def sample_metrics(fake, labels, probe_seed=0):
         "shape_fidelity": (nets["shape"](fake).argmax(1) == labels).double().mean().item(),
         "fid_probe": frechet_distance(*feature_stats(f_real), *feature_stats(f_fake)),
         "precision": precision, "recall": recall,
+        **{f"{c}_recall": precision_recall(*per_cue[c])[1] for c in nets},
         "spread": spread, "spread_per_class": [round(per_class.get(c, float("nan")), 4) for c in range(10)],
     }
 
@@ -309,6 +315,8 @@ def print_measurements(r, model):
           f"(the probes of seed {r['probe_seed']} on held-out real {real}: {accuracy['colour']:.3f}, {accuracy['shape']:.3f})\n"
           f"  FID (probes)     {r['fid_probe']:.2f}   against {r['n']} training {real}, 64-d probe features\n"
           f"  precision        {r['precision']:.3f}, recall {r['recall']:.3f}   (k = 3, same features)\n"
+          f"                   recall in the colour probe's features {r['colour_recall']:.3f} (tint and shade), "
+          f"in the shape probe's {r['shape_recall']:.3f} (layout, pixel noise)\n"
           f"  spread           {r['spread']:.2f}   of object positions and sizes within a class, over the data's; "
           f"real {real} 1, one picture per class 0\n"
           f"                   per class: {' '.join(f'{v:.2f}' for v in r['spread_per_class'])}\n"

@@ -961,6 +961,20 @@ def test_synthetic_measurements_of_broken_samples(held_out):
     assert m["shape_fidelity"] < 0.15 and m["recall"] < 0.3 and m["fid_probe"] > 20 * good["fid_probe"], m
 
 
+def test_recall_in_each_probes_features_says_which_variety_is_missing(held_out):
+    """One background tint for every image: the colour features' recall falls, the shape
+    features' does not, nor the 64-d recall, which follows the shape features. Pixel noise of 5
+    grey levels: the shape features' recall falls, the colour features' stays."""
+    x, y = held_out
+    left, right = data.object_masks(x)
+    tint = torch.tensor([20, 20, 40], dtype=torch.uint8).view(1, 3, 1, 1)
+    m = measures.sample_metrics(torch.where((left | right).unsqueeze(1), x, tint), y)
+    assert m["colour_recall"] < 0.3 and m["shape_recall"] > 0.8 and m["recall"] > 0.8, m
+    noise = 5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    m = measures.sample_metrics((x + noise).round().clamp(0, 255).to(torch.uint8), y)
+    assert m["colour_recall"] > 0.85 and m["shape_recall"] < 0.7, m
+
+
 def test_the_spread_of_objects_within_a_class_reads_variety_not_place(held_out):
     """Real images spread as the data does (about 1), one sample repeated not at all (0), each
     class's one picture not at all, and a copy of the real set moved 3 pixels down exactly as much
