@@ -220,6 +220,7 @@ class ModelConfig:
     attn_block: str = "attention"  # what goes there: attention, or residual (Table 1's control, equal parameters)
     pooled: bool = True  # keys and values max-pooled 2x2, as in the released code (difference 2)
     g_sn: bool = True  # spectral norm in G too (Sec. 4); --no-g-sn: the "SN on D only" baseline
+    z_blocks: bool = False  # z into every G block's batch norm too, not only the first layer (BigGAN's skip-z)
 
     def __post_init__(self):
         sizes = sorted(size for dims, size in ARCHITECTURES if dims == self.dims)
@@ -267,9 +268,11 @@ class ConditionalBatchNorm(nn.Module):
     """BatchNorm without its own affine, then a per-class gain and bias (difference 5).
 
     With n_classes = 0 it is plain BatchNorm with a learned affine (the unconditional model).
+    With z_dim > 0 (ModelConfig.z_blocks, difference 11) z first scales and shifts the normalised
+    x by W_g z and W_b z, which start at 0: at the start it is the block above.
     """
 
-    def __init__(self, channels, n_classes, layers):
+    def __init__(self, channels, n_classes, layers, z_dim=0):
         super().__init__()
         self.n_classes = n_classes
         self.bn = layers.batch_norm(channels, affine=n_classes == 0)
@@ -278,9 +281,17 @@ class ConditionalBatchNorm(nn.Module):
             self.bias = nn.Embedding(n_classes, channels)
             nn.init.ones_(self.gain.weight)
             nn.init.zeros_(self.bias.weight)
+        self.z_gain = self.z_bias = None
+        if z_dim:
+            self.z_gain, self.z_bias = nn.Linear(z_dim, channels, bias=False), nn.Linear(z_dim, channels, bias=False)
+            nn.init.zeros_(self.z_gain.weight)
+            nn.init.zeros_(self.z_bias.weight)
 
-    def forward(self, x, y):
+    def forward(self, x, y, z=None):
         x = self.bn(x)
+        if self.z_gain is not None:  # x (1 + W_g z) + W_b z
+            g, b = (w(z)[(...,) + (None,) * (x.dim() - 2)] for w in (self.z_gain, self.z_bias))  # (B, C, 1, 1[, 1])
+            x = x + x * g + b
         if not self.n_classes:
             return x
         shape = (*y.shape, -1) + (1,) * (x.dim() - 2)  # (B, C, 1, 1) or (B, C, 1, 1, 1)
@@ -291,18 +302,18 @@ class GBlock(nn.Module):
     """CBN -> ReLU -> 2x nearest upsample -> conv3x3 -> CBN -> ReLU -> conv3x3, plus a
     shortcut upsample -> conv1x1 (3x3x3 and 1x1x1 on volumes)."""
 
-    def __init__(self, c_in, c_out, n_classes, use_sn, layers):
+    def __init__(self, c_in, c_out, n_classes, use_sn, layers, z_dim=0):
         super().__init__()
         conv = layers.conv
-        self.bn1 = ConditionalBatchNorm(c_in, n_classes, layers)
+        self.bn1 = ConditionalBatchNorm(c_in, n_classes, layers, z_dim)
         self.conv1 = sn(conv(c_in, c_out, 3, padding=1), use_sn)
-        self.bn2 = ConditionalBatchNorm(c_out, n_classes, layers)
+        self.bn2 = ConditionalBatchNorm(c_out, n_classes, layers, z_dim)
         self.conv2 = sn(conv(c_out, c_out, 3, padding=1), use_sn)
         self.conv_sc = sn(conv(c_in, c_out, 1), use_sn)
 
-    def forward(self, x, y):
-        h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2.0)  # (B, c_in, 2H, 2W) or (.., 2D, 2H, 2W)
-        h = self.conv2(F.relu(self.bn2(self.conv1(h), y)))  # (B, c_out, 2H, 2W)
+    def forward(self, x, y, z=None):
+        h = F.interpolate(F.relu(self.bn1(x, y, z)), scale_factor=2.0)  # (B, c_in, 2H, 2W) or (.., 2D, 2H, 2W)
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), y, z)))  # (B, c_out, 2H, 2W)
         return h + self.conv_sc(F.interpolate(x, scale_factor=2.0))
 
 
@@ -320,7 +331,7 @@ class Generator(nn.Module):
         res = 4
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             res *= 2
-            self.blocks.append(GBlock(c_in, c_out, cfg.n_classes, cfg.g_sn, layers))
+            self.blocks.append(GBlock(c_in, c_out, cfg.n_classes, cfg.g_sn, layers, cfg.z_dim if cfg.z_blocks else 0))
             if res in cfg.attn:  # Table 1: attention (or its control) after the block that outputs res x res
                 self.blocks.append(ATTN_BLOCKS[cfg.attn_block](c_out, cfg.dims, cfg.pooled, cfg.g_sn))
         self.bn = layers.batch_norm(widths[-1])
@@ -338,7 +349,7 @@ class Generator(nn.Module):
                 h, beta = block(h, return_beta=True)  # beta (B, N, M)
                 betas.append(beta)
             elif isinstance(block, GBlock):
-                h = block(h, y)
+                h = block(h, y, z if self.cfg.z_blocks else None)
             else:  # SelfAttention or ResidualControl
                 h = block(h)
         x = torch.tanh(self.conv_out(F.relu(self.bn(h))))  # (B, 3, size, size[, size])

@@ -293,6 +293,34 @@ def test_conditional_batch_norm_scales_and_shifts_by_class():
          x_hat * cbn.gain.weight[0][:, None, None] + cbn.bias.weight[0][:, None, None])])
 
 
+def test_z_in_every_block_starts_as_the_papers_g_then_moves_each_blocks_gain_and_bias():
+    """ModelConfig.z_blocks (difference 11): with the paper's G's weights it draws exactly what
+    that G draws, since W_g and W_b start at 0; then x_hat (1 + W_g z) + W_b z goes into the class's
+    gain and bias, in every block, and only the default synthetic run turns it on."""
+    cfg = ModelConfig(size=32, ch=8, n_classes=10, attn=(16,))
+    G, Gz = Generator(cfg), Generator(dataclasses.replace(cfg, z_blocks=True))
+    missing, unexpected = Gz.load_state_dict(G.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.endswith(("z_gain.weight", "z_bias.weight")) for k in missing)
+    z, y = torch.randn(4, cfg.z_dim), torch.tensor([0, 3, 3, 9])
+    assert torch.equal(G(z, y), Gz(z, y))
+    widths = [m.bn.num_features for m in Gz.modules() if isinstance(m, ConditionalBatchNorm)]
+    assert len(widths) == 2 * 3 and n_params(Gz) - n_params(G) == 2 * cfg.z_dim * sum(widths)
+    Gz(z, y).square().mean().backward()
+    assert all(p.grad.abs().sum() > 0 for k, p in Gz.named_parameters() if "z_" in k)  # z reaches every block
+    torch.manual_seed(0)
+    cbn = ConditionalBatchNorm(6, n_classes=4, layers=LAYER_TYPES[2], z_dim=5)
+    with torch.no_grad():
+        for p in cbn.parameters():
+            p.normal_()
+    x, y, z = torch.randn(8, 6, 3, 3), torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), torch.randn(8, 5)
+    x_hat = F.batch_norm(x, None, None, training=True, eps=cbn.bn.eps)
+    moved = x_hat * (1 + (z @ cbn.z_gain.weight.T)[..., None, None]) + (z @ cbn.z_bias.weight.T)[..., None, None]
+    expected = moved * cbn.gain.weight[y][..., None, None] + cbn.bias.weight[y][..., None, None]
+    assert torch.allclose(cbn(x, y, z), expected, atol=1e-5)
+    assert train.parse_config([])[0].model.z_blocks and not train.parse_config(["--no-z-blocks"])[0].model.z_blocks
+    assert not train.parse_config(["--dims", "3"])[0].model.z_blocks and not ModelConfig().z_blocks
+
+
 @pytest.mark.projection
 def test_projection_adds_the_class_embedding_dot_phi():
     """D(x, y) = psi(phi(x)) + <embed(y), phi(x)>, with phi(x) and psi read off D.linear."""
@@ -435,7 +463,7 @@ def test_one_d_step_and_one_g_step_reach_every_parameter():
     gan.g_step(8)
     drawn = labels[0][1].unique()
     for name, p in gan.G.named_parameters():
-        grad = p.grad[drawn] if name.endswith(("gain.weight", "bias.weight")) else p.grad
+        grad = p.grad[drawn] if name.endswith((".gain.weight", ".bias.weight")) else p.grad
         assert grad is not None and grad.abs().flatten(1 if grad.dim() > 1 else 0).sum(-1).min() > 0, name
 
 
