@@ -6,9 +6,9 @@ picture of any runs' measurements over training.
     python experiments.py figure5   # Figure 5: attention reach and gamma, over training
     python experiments.py curves --runs RUN,RUN --picture curves.png   # measurements over training
 
-Each table's command trains its arms, SEEDS seeds each, with train.py (the default run's model and
-steps unless --steps is given, at the paper's learning rates, PAPER_LR, or with --rates default
-at the default run's), with measures.synthetic_metrics logged every --eval-every steps over
+Each table's command trains its arms, SEEDS seeds each, with train.py (the default run's model
+with z at G's input alone, as the paper has it, for 1,200 steps unless --steps is given, at the
+paper's learning rates, PAPER_LR, or with --rates default at the default run's), with measures.synthetic_metrics logged every --eval-every steps over
 --eval-n samples. The table of means and sample standard deviations over the seeds is printed and
 written to OUT/NAME.md. Runs live in OUT/ARM/seedK and are shared between tables; a finished run
 is reused and an interrupted one resumed, so a command can be run again at any time. --jobs runs

@@ -437,6 +437,9 @@ def test_experiments_train_at_the_papers_rates_or_the_default_runs_in_their_own_
     assert experiments.main(["table1", "--rates", "x8"]) == 2 and "invalid choice: 'x8'" in capsys.readouterr().err
     default = experiments.parse(["table1", "--rates", "default", "--out", str(tmp_path)])
     assert "--lr-g" not in experiments.train_command(default, "none", 0)  # train.py's preset, 8x
+    for cfg in (paper, default):  # at either rates the paper's G, z at its input alone, for 1,200 steps
+        trained, _ = train.parse_config(experiments.train_command(cfg, "none", 0)[2:])
+        assert not trained.model.z_blocks and trained.steps == 1200 and train.parse_config([])[0].model.z_blocks
     os.makedirs(experiments.run_folder(paper, "none", 0))
     with open(os.path.join(experiments.run_folder(paper, "none", 0), "experiment.json"), "w") as f:
         json.dump(dict(wall_s=1.0, steps=None, step=1200, eval_every=200, eval_n=500, threads=1, rates="paper"), f)
