@@ -8,11 +8,12 @@ picture of any runs' measurements over training.
 
 Each table's command trains its arms, SEEDS seeds each, with train.py (the default run's model
 with z at G's input alone, as the paper has it, for 1,200 steps unless --steps is given, at the
-paper's learning rates, PAPER_LR, or with --rates default at the default run's), with measures.synthetic_metrics logged every --eval-every steps over
---eval-n samples. The table of means and sample standard deviations over the seeds is printed and
-written to OUT/NAME.md. Runs live in OUT/ARM/seedK and are shared between tables; a finished run
-is reused and an interrupted one resumed, so a command can be run again at any time. --jobs runs
-that many trainings at once, splitting the CPU threads between them.
+paper's learning rates, PAPER_LR, or with --rates default at the default run's), with
+measures.synthetic_metrics logged every --eval-every steps over --eval-n samples. The table of
+means and sample standard deviations over the seeds is printed and written to OUT/NAME.md. Runs
+live in OUT/ARM/seedK and are shared between tables; a finished run is reused and an interrupted
+one resumed, so a command can be run again at any time. --jobs runs that many trainings at once,
+splitting the CPU threads between them.
 """
 
 import json
@@ -54,7 +55,7 @@ TABLES = {  # name: (arms, what the table shows)
     "figure5": (["attn16"], "reach"),
 }
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-DEFAULT_STEPS = 1200  # every arm's unless --steps: what the paper's G learns its shapes in at 8x the rates
+DEFAULT_STEPS = 1200  # every arm's unless --steps: the steps RESULTS.md's tables were measured at
 RUNNING = set()  # the trainings under way
 STOPPING = False  # set by an interrupt
 STARTING = threading.Lock()  # held to start a training, and to stop them all: none slips between

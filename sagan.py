@@ -269,7 +269,8 @@ class ConditionalBatchNorm(nn.Module):
 
     With n_classes = 0 it is plain BatchNorm with a learned affine (the unconditional model).
     With z_dim > 0 (ModelConfig.z_blocks, difference 11) z first scales and shifts the normalised
-    x by W_g z and W_b z, which start at 0: at the start it is the block above.
+    x by W_g z and W_b z, which start at 0, so that it starts as the paper's conditional BN; z is
+    ignored without them.
     """
 
     def __init__(self, channels, n_classes, layers, z_dim=0):
@@ -349,7 +350,7 @@ class Generator(nn.Module):
                 h, beta = block(h, return_beta=True)  # beta (B, N, M)
                 betas.append(beta)
             elif isinstance(block, GBlock):
-                h = block(h, y, z if self.cfg.z_blocks else None)
+                h = block(h, y, z)  # z reaches the batch norms only with cfg.z_blocks
             else:  # SelfAttention or ResidualControl
                 h = block(h)
         x = torch.tanh(self.conv_out(F.relu(self.bn(h))))  # (B, 3, size, size[, size])
